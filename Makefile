@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+KAFKA := scripts/kafka-local
+DURATION ?= 0
+
+.PHONY: venv lint test unit integration demo bench kafka-start kafka-stop clean
+
+# Reinstalled only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) (3.11+) is required" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The integration tests start the local Kafka themselves (tests/conftest.py) unless
+# KAFKA_BOOTSTRAP_SERVERS names one, and stop it again if they started it.
+test: lint
+	$(BIN)/pytest
+
+unit: venv
+	$(BIN)/pytest -m "not integration"
+
+integration: venv
+	$(BIN)/pytest -m integration
+
+demo: venv
+	$(BIN)/python -m scripts.demo --duration $(DURATION)
+
+kafka-start:
+	$(KAFKA) start
+
+kafka-stop:
+	$(KAFKA) stop
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
