@@ -1,0 +1,1 @@
+"""Streaming anomaly detector for Kafka metric events."""

@@ -1,0 +1,235 @@
+"""Composition root: builds the parts, wires them together, runs until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Self
+
+import orjson
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from consumer.config import PROG, Config, load_config
+from consumer.http import Health, HttpServer
+from consumer.kafka_io import StartupError, check_topics, consumer_for, producer_for
+from consumer.metrics import DetectorMetrics
+from consumer.pipeline import Processor
+
+logger = logging.getLogger(__name__)
+
+# The loop stamps a heartbeat this often and records how late the stamp came.
+_LOOP_TICK_SECONDS = 0.1
+
+
+class Service:
+    """One detector instance: HTTP endpoint, Kafka clients, executors and the loop.
+
+    ``async with Service(config) as service: await service.run()``; ``stop()`` asks
+    the loop to finish the open window and return.
+    """
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.registry = registry
+        self.metrics = DetectorMetrics(registry)
+        self.health = Health()
+        self.http = HttpServer(config.metrics_host, config.metrics_port, registry, self.health)
+        self.consumer = consumer_for(config)
+        self.producer = producer_for(config)
+        self._stack = AsyncExitStack()
+        self.processor: Processor | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self.processor is not None:
+            return
+        try:
+            self.http.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve HTTP on {self.config.metrics_host}:{self.config.metrics_port} "
+                f"(--metrics-port): {exc.strerror or exc}"
+            ) from None
+        self._stack.callback(self.http.stop)
+        try:
+            await self.consumer.start()
+            self._stack.push_async_callback(self.consumer.stop)
+            await self.producer.start()
+            self._stack.push_async_callback(self.producer.stop)
+        except KafkaConnectionError as exc:
+            await self._stack.aclose()
+            raise StartupError(
+                f"cannot reach Kafka at {self.config.bootstrap_servers} "
+                f"(--bootstrap-servers): {exc}"
+            ) from None
+        except Exception:
+            await self._stack.aclose()
+            raise
+        await check_topics(
+            self.consumer,
+            [self.config.input_topic, self.config.output_topic, self.config.dlq_topic],
+        )
+        # spawn, not fork: the parent has threads (HTTP, aiokafka's resolver), and a
+        # forked child could inherit a held lock.
+        fit_pool = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+        )
+        self._stack.callback(fit_pool.shutdown, wait=True, cancel_futures=True)
+        score_pool = ThreadPoolExecutor(1, thread_name_prefix="score")
+        self._stack.callback(score_pool.shutdown, wait=True)
+        self.processor = Processor(
+            self.config,
+            self.consumer,
+            self.producer,
+            self.metrics,
+            self.health,
+            fit_executor=fit_pool,
+            score_executor=score_pool,
+        )
+        self.consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
+
+    async def run(self) -> None:
+        assert self.processor is not None, "start() first"
+        ticker = asyncio.create_task(self._tick())
+        try:
+            await self.processor.run()
+        finally:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+
+    def stop(self) -> None:
+        if self.processor is not None:
+            self.processor.stop()
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    async def _tick(self) -> None:
+        """Heartbeat for /healthz and a measure of how late the loop runs timers."""
+        loop = asyncio.get_running_loop()
+        expected = loop.time() + _LOOP_TICK_SECONDS
+        while True:
+            await asyncio.sleep(_LOOP_TICK_SECONDS)
+            now = loop.time()
+            self.metrics.loop_lag.observe(max(0.0, now - expected))
+            self.health.beat()
+            expected = now + _LOOP_TICK_SECONDS
+
+
+def _ignore_sigint() -> None:
+    """In the fitting process: Ctrl-C reaches the whole process group, and it is the
+    parent's to handle (it finishes the window, then shuts the pool down)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT; a second signal exits at once."""
+    loop = asyncio.get_running_loop()
+    async with Service(config) as service:
+        signals_seen = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:
+                logger.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            logger.info(
+                "%s: finishing the open window, then stopping (again to exit now)",
+                signal.Signals(signum).name,
+            )
+            service.stop()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        await service.run()
+    logger.info("stopped")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc).decode()
+
+
+def configure_logging(level: str, *, json: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    handler.addFilter(_Throttle())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class _Throttle(logging.Filter):
+    """Lets each message template through at most once per interval.
+
+    While a broker is away, aiokafka reports every reconnect attempt; one line per
+    interval says the same without burying everything else.
+    """
+
+    def __init__(self, interval_seconds: float = 10.0) -> None:
+        super().__init__()
+        self._interval = interval_seconds
+        self._last: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval) < self._interval:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = load_config(argv)
+    configure_logging(config.log_level, json=config.log_json)
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KafkaError as exc:
+        print(f"{PROG}: error: Kafka: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,252 @@
+"""The detector's configuration: one table of options, one frozen dataclass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from consumer.options import (
+    Option,
+    OptionError,
+    boolean,
+    choice,
+    fail,
+    integer,
+    name_list,
+    number,
+    parse_options,
+    text,
+)
+
+PROG = "anomaly-detector"
+ENV_PREFIX = "ANOMALY_"
+
+
+def contamination(raw: str) -> float | None:
+    """``auto`` (sklearn's threshold of 0.5) or a fraction in (0, 0.5]."""
+    if raw.strip().lower() == "auto":
+        return None
+    return number(minimum=0.0, exclusive_min=True, maximum=0.5)(raw)
+
+
+def score_threshold(raw: str) -> float | None:
+    if not raw.strip():
+        return None
+    return number(minimum=0.0, exclusive_min=True, maximum=1.0)(raw)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--bootstrap-servers", text, "localhost:9092", "Kafka bootstrap servers, host:port[,…]"),
+    Option("--input-topic", text, "metrics", "topic the metric events are read from"),
+    Option("--output-topic", text, "anomalies", "topic anomalies are published to"),
+    Option("--dlq-topic", text, "metrics.dlq", "dead-letter topic for records that are not valid"),
+    Option("--group-id", text, "anomaly-detector", "Kafka consumer group"),
+    Option(
+        "--auto-offset-reset",
+        choice("earliest", "latest"),
+        "earliest",
+        "where a group with no committed offset starts",
+    ),
+    Option(
+        "--window-seconds",
+        number(minimum=0.0, exclusive_min=True, maximum=3600),
+        5.0,
+        "length of the tumbling processing-time window; each window is one scored batch",
+    ),
+    Option(
+        "--max-batch",
+        integer(minimum=1, maximum=1_000_000),
+        20_000,
+        "a window closes early when it holds this many records",
+    ),
+    Option(
+        "--features",
+        name_list,
+        None,
+        "comma-separated metric names forming the feature vector "
+        "(default: the sorted metric names of the first valid event)",
+    ),
+    Option(
+        "--refit-seconds",
+        number(minimum=0.0, exclusive_min=True),
+        60.0,
+        "refit the model at most this often",
+    ),
+    Option(
+        "--refit-events",
+        integer(minimum=0),
+        0,
+        "also refit once this many new normal events entered the history (0: time only)",
+    ),
+    Option(
+        "--history-size",
+        integer(minimum=10, maximum=10_000_000),
+        50_000,
+        "training history: the most recent normal events kept (a ring buffer)",
+    ),
+    Option(
+        "--min-train",
+        integer(minimum=10),
+        2_000,
+        "events needed before the first fit; until then batches are held",
+    ),
+    Option(
+        "--contamination",
+        contamination,
+        0.005,
+        "expected share of anomalies: sets the threshold from the training scores, "
+        "or 'auto' for sklearn's fixed 0.5",
+    ),
+    Option(
+        "--score-threshold",
+        score_threshold,
+        None,
+        "fixed score threshold in (0, 1]; overrides --contamination",
+    ),
+    Option("--n-estimators", integer(minimum=1, maximum=10_000), 100, "trees in the forest"),
+    Option(
+        "--max-samples",
+        integer(minimum=2),
+        1024,
+        "events drawn to build each tree (capped by the history's size)",
+    ),
+    Option("--seed", integer(minimum=0, maximum=2**32 - 1), 42, "random seed of the forest"),
+    Option(
+        "--normalize",
+        choice("per-source", "none"),
+        "per-source",
+        "per-source: score z-scores against each source's own running mean and variance; "
+        "none: score raw values",
+    ),
+    Option(
+        "--norm-halflife-events",
+        number(minimum=1.0),
+        200.0,
+        "half-life, in a source's events, of its running mean and variance",
+    ),
+    Option(
+        "--warmup-events",
+        integer(minimum=1),
+        20,
+        "a source's events are not reported as anomalies before it has this many",
+    ),
+    Option(
+        "--max-sources",
+        integer(minimum=1),
+        100_000,
+        "sources whose statistics are kept; the least recently seen are evicted beyond it",
+    ),
+    Option(
+        "--max-held-events",
+        integer(minimum=1),
+        200_000,
+        "events held while no model exists yet; consumption pauses beyond it",
+    ),
+    Option(
+        "--max-message-bytes",
+        integer(minimum=64),
+        1_000_000,
+        "records larger than this are dead-lettered as oversized",
+    ),
+    Option(
+        "--max-metric-abs",
+        number(minimum=0.0, exclusive_min=True),
+        1e15,
+        "metric values beyond ± this are dead-lettered as out of range",
+    ),
+    Option(
+        "--max-event-age-seconds",
+        number(minimum=0.0, exclusive_min=True),
+        7 * 86_400.0,
+        "events older than this (by their ts) are dead-lettered",
+    ),
+    Option(
+        "--max-future-seconds",
+        number(minimum=0.0, exclusive_min=True),
+        86_400.0,
+        "events whose ts lies further ahead than this are dead-lettered",
+    ),
+    Option("--metrics-host", text, "0.0.0.0", "address the HTTP endpoint binds"),
+    Option(
+        "--metrics-port",
+        integer(minimum=0, maximum=65_535),
+        8000,
+        "port of /metrics, /healthz and /readyz (0: pick a free port)",
+    ),
+    Option("--log-level", choice("debug", "info", "warning", "error"), "info", "log level"),
+    Option("--log-json", boolean, False, "log one JSON object per line"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings of one detector instance."""
+
+    bootstrap_servers: str
+    input_topic: str
+    output_topic: str
+    dlq_topic: str
+    group_id: str
+    auto_offset_reset: str
+    window_seconds: float
+    max_batch: int
+    features: tuple[str, ...] | None
+    refit_seconds: float
+    refit_events: int
+    history_size: int
+    min_train: int
+    contamination: float | None
+    score_threshold: float | None
+    n_estimators: int
+    max_samples: int
+    seed: int
+    normalize: str
+    norm_halflife_events: float
+    warmup_events: int
+    max_sources: int
+    max_held_events: int
+    max_message_bytes: int
+    max_metric_abs: float
+    max_event_age_seconds: float
+    max_future_seconds: float
+    metrics_host: str
+    metrics_port: int
+    log_level: str
+    log_json: bool
+
+    def __post_init__(self) -> None:
+        if self.min_train > self.history_size:
+            raise OptionError(
+                f"--min-train ({self.min_train}) must not exceed --history-size "
+                f"({self.history_size}): the first fit could never happen"
+            )
+        if self.max_held_events < self.min_train:
+            raise OptionError(
+                f"--max-held-events ({self.max_held_events}) must be at least --min-train "
+                f"({self.min_train}), or the first model could never be trained"
+            )
+        if self.max_sources < self.max_batch:
+            raise OptionError(
+                f"--max-sources ({self.max_sources}) must be at least --max-batch "
+                f"({self.max_batch}), so that every source of one batch fits in the table"
+            )
+        if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
+            raise OptionError("--input-topic, --output-topic and --dlq-topic must all differ")
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build the configuration from flags and ``ANOMALY_*`` variables, or exit with one line."""
+    values = parse_options(
+        OPTIONS,
+        argv,
+        prog=PROG,
+        env_prefix=ENV_PREFIX,
+        description="Streaming anomaly detector for Kafka metric events.",
+        environ=environ,
+    )
+    try:
+        return Config(**values)
+    except OptionError as exc:
+        fail(PROG, str(exc))

@@ -1,0 +1,81 @@
+"""The detector's score/learn halves on synthetic fleets."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from consumer.detector import Detector, DetectorSettings
+from consumer.events import Event
+from consumer.model import FitParams, fit_model
+
+
+def fleet_batch(rng: np.random.Generator, n_sources: int, ts: float) -> list[Event]:
+    events = []
+    for s in range(n_sources):
+        scale = 10.0 ** (s % 4)  # baselines four orders of magnitude apart
+        values = tuple(scale * (1 + 0.05 * rng.standard_normal(2)))
+        events.append(Event(f"s{s}", ts, values, {}))
+    return events
+
+
+def test_outliers_within_a_source_are_found_across_very_different_baselines() -> None:
+    rng = np.random.default_rng(0)
+    detector = Detector(2, DetectorSettings(min_train=500, warmup_events=10, fit=FitParams(seed=1)))
+    for i in range(60):
+        batch = detector.prepare(fleet_batch(rng, 40, float(i)))
+        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+    assert detector.fit_due(100.0)
+    training, version = detector.training_set(100.0)
+    detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0))
+    assert detector.model is not None
+
+    events = fleet_batch(rng, 40, 200.0)
+    # s3 (baseline 1000) at 1300: ordinary for no source but s3 itself, and 6 sigma for it.
+    events[3] = Event("s3", 200.0, (1300.0, 1000.0), {})
+    verdict = Detector.score(detector.prepare(events), detector.model)
+    assert verdict.anomalous[3]
+    assert verdict.anomalous.sum() <= 3
+
+
+def test_young_sources_are_scored_but_never_reported() -> None:
+    rng = np.random.default_rng(0)
+    detector = Detector(2, DetectorSettings(min_train=50, warmup_events=5))
+    for i in range(10):
+        batch = detector.prepare(fleet_batch(rng, 10, float(i)))
+        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+    training, version = detector.training_set(0.0)
+    detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0))
+    assert detector.model is not None
+    verdict = Detector.score(
+        detector.prepare([Event("brand-new", 0.0, (1e9, 1e9), {})]), detector.model
+    )
+    assert len(verdict.scores) == 1
+    assert not verdict.anomalous[0]
+
+
+def test_cold_start_learning_fills_the_history_from_a_single_backlog_batch() -> None:
+    rng = np.random.default_rng(0)
+    detector = Detector(2, DetectorSettings(min_train=100, warmup_events=5))
+    backlog = [e for i in range(20) for e in fleet_batch(rng, 10, float(i))]
+    detector.learn_unjudged(detector.prepare(backlog))
+    assert len(detector.history) == len(backlog)
+    assert detector.fit_due(0.0)
+
+
+def test_anomalies_stay_out_of_the_training_history() -> None:
+    detector = Detector(1, DetectorSettings(warmup_events=1))
+    events = [Event("a", 0.0, (1.0,), {}), Event("a", 0.0, (2.0,), {})]
+    detector.learn(detector.prepare(events), np.zeros(2, dtype=bool))
+    batch = detector.prepare(events)
+    detector.learn(batch, np.array([True, False]))
+    assert len(detector.history) == 1
+
+
+def test_install_never_goes_back_to_an_older_version() -> None:
+    detector = Detector(1, DetectorSettings())
+    train = np.random.default_rng(0).standard_normal((100, 1))
+    newer = fit_model(train, FitParams(), version=2, fitted_at=0.0)
+    older = fit_model(train, FitParams(), version=1, fitted_at=0.0)
+    detector.install(newer)
+    detector.install(older)
+    assert detector.model is newer

@@ -1,0 +1,90 @@
+"""Per-source running statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from consumer.normalize import SourceNormalizer
+
+
+def feed(norm: SourceNormalizer, sources: list[str], values: np.ndarray) -> np.ndarray:
+    rows = norm.rows(sources)
+    z = norm.transform(rows, values)
+    norm.update(rows, values, np.ones(len(sources), dtype=bool))
+    return z
+
+
+def test_sources_with_different_baselines_get_comparable_z_scores() -> None:
+    rng = np.random.default_rng(0)
+    norm = SourceNormalizer(1, halflife_events=500, warmup_events=20)
+    for _ in range(50):
+        # One host moves 900k bytes/s, its neighbour 200k; both with 5% noise.
+        values = np.array([[900e3], [200e3]]) * (1 + 0.05 * rng.standard_normal((2, 1)))
+        feed(norm, ["big", "small"], values)
+    z = norm.transform(norm.rows(["big", "small"]), np.array([[900e3], [200e3]]))
+    assert np.abs(z).max() < 0.5  # each at its own normal
+    # The small host doing the big host's traffic is extreme; the big one is not.
+    z = norm.transform(norm.rows(["big", "small"]), np.array([[900e3], [900e3]]))
+    assert abs(z[0, 0]) < 0.5
+    assert z[1, 0] > 10
+
+
+def test_batch_update_matches_the_plain_mean_and_variance_for_a_young_source() -> None:
+    norm = SourceNormalizer(2, halflife_events=1e9, warmup_events=1)
+    values = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0], [7.0, 70.0]])
+    # Split over two batches: the running result equals the whole sample's.
+    feed(norm, ["a", "a"], values[:2])
+    feed(norm, ["a", "a"], values[2:])
+    z = norm.transform(norm.rows(["a"]), np.array([[4.0, 40.0]]))
+    np.testing.assert_allclose(z, 0.0, atol=1e-9)
+    z = norm.transform(norm.rows(["a"]), np.array([[4.0 + np.sqrt(5.0), 40.0]]))
+    assert z[0, 0] == pytest.approx(1.0, rel=0.01)  # population std of 1,3,5,7 is sqrt(5)
+
+
+def test_unknown_sources_and_young_sources() -> None:
+    norm = SourceNormalizer(1, warmup_events=3)
+    rows = norm.rows(["new"], create=False)
+    assert rows.tolist() == [-1]
+    assert norm.transform(rows, np.array([[5.0]])).tolist() == [[0.0]]
+    assert norm.warmed(rows).tolist() == [False]
+    feed(norm, ["a", "a"], np.array([[1.0], [2.0]]))
+    assert norm.warmed(norm.rows(["a"])).tolist() == [False]
+    feed(norm, ["a"], np.array([[1.5]]))
+    assert norm.warmed(norm.rows(["a"])).tolist() == [True]
+
+
+def test_anomalies_barely_move_the_statistics_but_a_lasting_shift_is_learned() -> None:
+    rng = np.random.default_rng(1)
+    norm = SourceNormalizer(1, halflife_events=50, warmup_events=5)
+    for _ in range(300):
+        feed(norm, ["a"], np.array([[100.0 + rng.standard_normal()]]))
+    rows = norm.rows(["a"])
+    spike = np.array([[1000.0]])
+    before = norm.transform(rows, spike)[0, 0]
+    norm.update(rows, spike, np.array([False]))  # judged anomalous: clipped to 3 sigma
+    after = norm.transform(rows, spike)[0, 0]
+    assert after > 0.8 * before
+    # The source moves to 130 for good: judged anomalous each time, still learned.
+    for _ in range(400):
+        rows = norm.rows(["a"])
+        norm.update(rows, np.array([[130.0 + rng.standard_normal()]]), np.array([False]))
+    assert abs(norm.transform(norm.rows(["a"]), np.array([[130.0]]))[0, 0]) < 3
+
+
+def test_table_is_bounded_and_evicts_the_least_recently_seen() -> None:
+    norm = SourceNormalizer(1, max_sources=100, warmup_events=1)
+    for i in range(100):
+        feed(norm, [f"s{i}"], np.array([[float(i)]]))
+    feed(norm, ["s0"], np.array([[0.0]]))  # s0 is recent again; s1 is now the oldest
+    feed(norm, ["newcomer"], np.array([[1.0]]))
+    assert len(norm) <= 100
+    assert norm.rows(["s0"], create=False)[0] >= 0
+    assert norm.rows(["s1"], create=False)[0] == -1
+    assert norm.evicted_total >= 1
+
+
+def test_disabled_is_the_identity() -> None:
+    norm = SourceNormalizer(2, enabled=False)
+    values = np.array([[1.0, 2.0]])
+    np.testing.assert_array_equal(norm.transform(norm.rows(["a"]), values), values)
