@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 KAFKA := scripts/kafka-local
 DURATION ?= 0
 
-.PHONY: venv lint test unit integration demo bench kafka-start kafka-stop clean
+.PHONY: venv lint test test-tools unit integration demo bench kafka-start kafka-stop clean
 
 # Reinstalled only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -24,18 +24,22 @@ lint: venv
 	$(BIN)/mypy
 
 # The integration tests start the local Kafka themselves (tests/conftest.py) unless
-# KAFKA_BOOTSTRAP_SERVERS names one, and stop it again if they started it.
-test: lint
+# KAFKA_BOOTSTRAP_SERVERS names one, and stop it again if they started it. Prometheus,
+# promtool and docker-compose come from Debian's packages (installed once if missing).
+test: lint test-tools
 	$(BIN)/pytest
+
+test-tools:
+	scripts/install-test-tools
 
 unit: venv
 	$(BIN)/pytest -m "not integration"
 
-integration: venv
+integration: venv test-tools
 	$(BIN)/pytest -m integration
 
 demo: venv
-	$(BIN)/python -m scripts.demo --duration $(DURATION)
+	$(BIN)/python scripts/demo.py --duration $(DURATION)
 
 kafka-start:
 	$(KAFKA) start

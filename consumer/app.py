@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Self
 
 import orjson
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from consumer.config import PROG, Config, load_config
 from consumer.http import Health, HttpServer
-from consumer.kafka_io import StartupError, check_topics, consumer_for, producer_for
+from consumer.kafka_io import (
+    StartupError,
+    Throttled,
+    check_topics,
+    consumer_for,
+    producer_for,
+)
 from consumer.metrics import DetectorMetrics
 from consumer.pipeline import Processor
 
@@ -29,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # The loop stamps a heartbeat this often and records how late the stamp came.
 _LOOP_TICK_SECONDS = 0.1
+# How often the broker is asked for metadata to tell readiness.
+_BROKER_CHECK_SECONDS = 5.0
 
 
 class Service:
@@ -48,8 +58,6 @@ class Service:
         self.metrics = DetectorMetrics(registry)
         self.health = Health()
         self.http = HttpServer(config.metrics_host, config.metrics_port, registry, self.health)
-        self.consumer = consumer_for(config)
-        self.producer = producer_for(config)
         self._stack = AsyncExitStack()
         self.processor: Processor | None = None
 
@@ -77,23 +85,28 @@ class Service:
             ) from None
         self._stack.callback(self.http.stop)
         try:
-            await self.consumer.start()
-            self._stack.push_async_callback(self.consumer.stop)
-            await self.producer.start()
-            self._stack.push_async_callback(self.producer.stop)
+            with _quiet("aiokafka"):
+                # Stopping a client that never started is harmless; registering the stop
+                # first means a failed start still closes everything it opened.
+                consumer = consumer_for(self.config)
+                self._stack.push_async_callback(consumer.stop)
+                await consumer.start()
+                producer = producer_for(self.config)
+                self._stack.push_async_callback(producer.stop)
+                await producer.start()
+            await check_topics(
+                consumer,
+                [self.config.input_topic, self.config.output_topic, self.config.dlq_topic],
+            )
         except KafkaConnectionError as exc:
             await self._stack.aclose()
             raise StartupError(
                 f"cannot reach Kafka at {self.config.bootstrap_servers} "
                 f"(--bootstrap-servers): {exc}"
             ) from None
-        except Exception:
+        except BaseException:
             await self._stack.aclose()
             raise
-        await check_topics(
-            self.consumer,
-            [self.config.input_topic, self.config.output_topic, self.config.dlq_topic],
-        )
         # spawn, not fork: the parent has threads (HTTP, aiokafka's resolver), and a
         # forked child could inherit a held lock.
         fit_pool = ProcessPoolExecutor(
@@ -104,23 +117,27 @@ class Service:
         self._stack.callback(score_pool.shutdown, wait=True)
         self.processor = Processor(
             self.config,
-            self.consumer,
-            self.producer,
+            consumer,
+            producer,
             self.metrics,
             self.health,
             fit_executor=fit_pool,
             score_executor=score_pool,
         )
-        self.consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
+        consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
 
     async def run(self) -> None:
         assert self.processor is not None, "start() first"
-        ticker = asyncio.create_task(self._tick())
+        background = [
+            asyncio.create_task(self._tick()),
+            asyncio.create_task(self._watch_broker(self.processor.consumer)),
+        ]
         try:
             await self.processor.run()
         finally:
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
 
     def stop(self) -> None:
         if self.processor is not None:
@@ -128,6 +145,27 @@ class Service:
 
     async def close(self) -> None:
         await self._stack.aclose()
+
+    async def _watch_broker(self, consumer: AIOKafkaConsumer) -> None:
+        """Ask the broker for metadata now and then, so /readyz tells when it is away
+        even while no record flows (a failing publish reports it too)."""
+        throttled = Throttled(logger, interval_seconds=_BROKER_CHECK_SECONDS * 2)
+        while True:
+            await asyncio.sleep(_BROKER_CHECK_SECONDS)
+            try:
+                async with asyncio.timeout(_BROKER_CHECK_SECONDS):
+                    await consumer.topics()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                self.health.broker_error = f"broker unreachable: {type(exc).__name__}"
+                throttled.warning(
+                    "Kafka at %s is unreachable (%s); retrying",
+                    self.config.bootstrap_servers,
+                    type(exc).__name__,
+                )
+            else:
+                if self.health.broker_error is not None:
+                    logger.info("Kafka at %s is reachable again", self.config.bootstrap_servers)
+                self.health.broker_error = None
 
     async def _tick(self) -> None:
         """Heartbeat for /healthz and a measure of how late the loop runs timers."""
@@ -139,6 +177,19 @@ class Service:
             self.metrics.loop_lag.observe(max(0.0, now - expected))
             self.health.beat()
             expected = now + _LOOP_TICK_SECONDS
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Silence a library's logger for a moment: while connecting, aiokafka logs each
+    failed attempt, and the one clear error line is the service's own."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _ignore_sigint() -> None:

@@ -126,7 +126,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--warmup-events",
-        integer(minimum=1),
+        integer(minimum=0),
         20,
         "a source's events are not reported as anomalies before it has this many",
     ),

@@ -77,7 +77,7 @@ def consumer_for(config: Config, **overrides: Any) -> AIOKafkaConsumer:
         # A refit runs in another process, so the loop keeps polling; this is the bound
         # for one batch's scoring and publishing, generous for a stalled broker.
         "max_poll_interval_ms": 300_000,
-        "session_timeout_ms": 30_000,
+        "session_timeout_ms": 10_000,
         "heartbeat_interval_ms": 3_000,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
         **overrides,
@@ -94,6 +94,9 @@ def producer_for(config: Config, **overrides: Any) -> AIOKafkaProducer:
         "enable_idempotence": True,
         "linger_ms": 5,
         "max_request_size": config.max_message_bytes + TRUNCATED_VALUE_BYTES,
+        # A send that cannot complete fails sooner than aiokafka's 40 s, so the retry
+        # loop (and its log line and error counter) reports the problem sooner.
+        "request_timeout_ms": 15_000,
         **overrides,
     }
     return AIOKafkaProducer(**settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -39,7 +40,8 @@ class Option:
 
 def fail(prog: str, message: str) -> NoReturn:
     """Stop with one line on stderr and exit status 2, as argparse does for usage errors."""
-    raise SystemExit(f"{prog}: error: {message}")
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_options(

@@ -43,14 +43,15 @@ def test_flag_beats_environment_beats_default() -> None:
     ],
 )
 def test_bad_values_stop_with_one_line_naming_the_option(
-    argv: list[str], env: dict[str, str], needle: str
+    argv: list[str], env: dict[str, str], needle: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exc:
         load_config(argv, environ=env)
-    message = str(exc.value.code)
+    assert exc.value.code == 2
+    message = capsys.readouterr().err
     assert message.startswith("anomaly-detector: error:")
     assert needle in message
-    assert "\n" not in message
+    assert message.count("\n") == 1
 
 
 def test_every_option_has_a_unique_flag_and_help() -> None:

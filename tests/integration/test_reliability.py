@@ -1,0 +1,299 @@
+"""Faults on the real broker: kill -9, SIGTERM, rebalances, bad input, unreachable parts.
+
+Every test here does exact accounting. The detector runs with a score threshold so
+low that every valid event is published as an "anomaly": then each input record must
+show up on the anomalies topic (valid) or the dead-letter topic (invalid), and the
+two topics together say what was lost (nothing, ever) and what was duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import Broker, TopicFactory
+from tests.integration.helpers import (
+    DetectorProcess,
+    committed,
+    drain,
+    end_offsets,
+    event,
+    eventually,
+    produce,
+    wait_all_committed,
+)
+
+# Publish every valid event: the accounting then sees each one on the output topic.
+SCORE_EVERYTHING = (
+    "--score-threshold", "0.0001", "--warmup-events", "0", "--min-train", "50",
+    "--max-batch", "300", "--window-seconds", "0.3", "--log-level", "info",
+)  # fmt: skip
+
+Position = tuple[int, int]
+Records = list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]
+
+
+def stream_records(count: int, seed: int = 0) -> Records:
+    """Valid events from 40 sources, with a malformed record every 50th."""
+    records: Records = []
+    now = time.time()
+    for i in range(count):
+        if i % 50 == 49:
+            records.append((b"junk", b'{"source": "x", "metrics": "none"}', []))
+        else:
+            s = (i * 7 + seed) % 40
+            records.append(event(f"host-{s}", now, cpu=0.3 + 0.01 * (i % 13), mem=float(s)))
+    return records
+
+
+async def stream(bootstrap: str, topic: str, records: Records, per_second: int) -> list[Position]:
+    """Produce records as a paced stream (chunks of a tenth of a second)."""
+    positions: list[Position] = []
+    chunk = max(1, per_second // 10)
+    for start in range(0, len(records), chunk):
+        positions += await produce(bootstrap, topic, records[start : start + chunk])
+        await asyncio.sleep(0.1)
+    return positions
+
+
+@dataclass
+class Accounting:
+    inputs: set[Position]
+    outputs: Counter[Position]
+
+    @property
+    def lost(self) -> set[Position]:
+        return self.inputs - set(self.outputs)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(n - 1 for n in self.outputs.values())
+
+
+async def account(bootstrap: str, topics: list[str], inputs: list[Position]) -> Accounting:
+    outputs: Counter[Position] = Counter()
+    for record in await drain(bootstrap, topics[1]):
+        origin = orjson.loads(record.value)["input"]
+        assert origin["topic"] == topics[0]
+        outputs[(origin["partition"], origin["offset"])] += 1
+    for record in await drain(bootstrap, topics[2]):
+        headers = dict(record.headers)
+        assert headers["dlq.reason"] == b"bad_metrics"
+        outputs[(int(headers["dlq.partition"]), int(headers["dlq.offset"]))] += 1
+    return Accounting(set(inputs), outputs)
+
+
+def detector(
+    tmp_path: Path, name: str, kafka: Broker, topics: list[str], group: str, *extra: str
+) -> DetectorProcess:
+    return DetectorProcess(
+        tmp_path,
+        name,
+        "--bootstrap-servers", kafka.bootstrap_servers,
+        "--input-topic", topics[0], "--output-topic", topics[1], "--dlq-topic", topics[2],
+        "--group-id", group,
+        *SCORE_EVERYTHING,
+        *extra,
+    )  # fmt: skip
+
+
+async def committed_total(kafka: Broker, group: str, topic: str) -> int:
+    return sum((await committed(kafka.bootstrap_servers, group, topic)).values())
+
+
+async def topics_for(new_topic: TopicFactory, partitions: int) -> list[str]:
+    return [await new_topic("in", partitions), await new_topic("out"), await new_topic("dlq")]
+
+
+@pytest.mark.slow
+async def test_kill_9_mid_stream_then_restart_loses_nothing(
+    kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topics = await topics_for(new_topic, 4)
+    group = unique("group")
+    records = stream_records(8000)
+    first = detector(tmp_path, "first", kafka, topics, group).start()
+    try:
+        producing = asyncio.create_task(stream(kafka.bootstrap_servers, topics[0], records, 1000))
+
+        async def a_third_committed() -> bool:
+            return await committed_total(kafka, group, topics[0]) >= len(records) // 3
+
+        await eventually(a_third_committed, what="a third of the stream to be committed")
+        assert not producing.done(), "the stream should still be flowing"
+        first.kill()
+        at_kill = await committed(kafka.bootstrap_servers, group, topics[0])
+        positions = await producing
+        ends = await end_offsets(kafka.bootstrap_servers, topics[0])
+        assert sum(ends.values()) == len(records)
+        # Not everything was processed when the process died.
+        assert sum(at_kill.values()) < len(records)
+
+        second = detector(tmp_path, "second", kafka, topics, group).start()
+        try:
+            await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
+            assert second.terminate() == 0
+        finally:
+            second.stop_if_running()
+    finally:
+        first.stop_if_running()
+
+    result = await account(kafka.bootstrap_servers, topics, positions)
+    assert result.lost == set()
+    # Duplicates come only from the tail that was published but not yet committed
+    # when the process died: never more than what lay beyond the committed offsets.
+    uncommitted_tail = len(records) - sum(at_kill.values())
+    assert result.duplicates <= uncommitted_tail
+    print(f"kill -9: {result.duplicates} duplicates (uncommitted tail {uncommitted_tail})")
+
+
+@pytest.mark.slow
+async def test_sigterm_mid_stream_then_restart_has_no_duplicates_and_no_losses(
+    kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topics = await topics_for(new_topic, 4)
+    group = unique("group")
+    records = stream_records(8000, seed=3)
+    first = detector(tmp_path, "first", kafka, topics, group).start()
+    try:
+        producing = asyncio.create_task(stream(kafka.bootstrap_servers, topics[0], records, 1000))
+
+        async def a_third_committed() -> bool:
+            return await committed_total(kafka, group, topics[0]) >= len(records) // 3
+
+        await eventually(a_third_committed, what="a third of the stream to be committed")
+        assert not producing.done(), "the stream should still be flowing"
+        assert first.terminate() == 0
+        assert "Traceback" not in first.log()
+        positions = await producing
+        assert await committed_total(kafka, group, topics[0]) < len(records)
+        second = detector(tmp_path, "second", kafka, topics, group).start()
+        try:
+            await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
+            assert second.alive
+            assert second.terminate() == 0
+        finally:
+            second.stop_if_running()
+    finally:
+        first.stop_if_running()
+
+    result = await account(kafka.bootstrap_servers, topics, positions)
+    assert result.lost == set()
+    assert result.duplicates == 0
+
+
+@pytest.mark.slow
+async def test_rebalances_as_members_join_and_die_lose_nothing(
+    kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topics = await topics_for(new_topic, 6)
+    group = unique("group")
+    records = stream_records(9000, seed=5)
+    a = detector(tmp_path, "a", kafka, topics, group).start()
+    b = detector(tmp_path, "b", kafka, topics, group).start()
+    c = detector(tmp_path, "c", kafka, topics, group)
+    try:
+        producing = asyncio.create_task(stream(kafka.bootstrap_servers, topics[0], records, 1000))
+
+        async def both_assigned() -> bool:
+            got = [p.metric("anomaly_detector_assigned_partitions") for p in (a, b)]
+            return all(g is not None and g > 0 for g in got)
+
+        await eventually(both_assigned, what="both members to own partitions")
+
+        async def committed_at_least(share: float) -> bool:
+            return await committed_total(kafka, group, topics[0]) >= len(records) * share
+
+        await eventually(lambda: committed_at_least(0.2), what="a fifth committed")
+        c.start()  # a third member joins mid-stream
+
+        async def c_assigned() -> bool:
+            got = c.metric("anomaly_detector_assigned_partitions")
+            return got is not None and got > 0
+
+        await eventually(c_assigned, what="the newcomer to own partitions")
+        await eventually(lambda: committed_at_least(0.5), what="half committed")
+        a.kill()  # and one dies without a word
+        positions = await producing
+        await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
+        for survivor in (b, c):
+            assert survivor.alive, survivor.log()[-3000:]
+            assert "Traceback" not in survivor.log()
+            assert survivor.terminate() == 0
+    finally:
+        for p in (a, b, c):
+            p.stop_if_running()
+
+    result = await account(kafka.bootstrap_servers, topics, positions)
+    assert result.lost == set()
+    print(f"rebalances: {result.duplicates} duplicates")
+
+
+async def test_unreachable_broker_missing_topic_and_bad_option_fail_in_one_line(
+    kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topics = await topics_for(new_topic, 1)
+    cases = {
+        "unreachable": (["--bootstrap-servers", "127.0.0.1:1"], "cannot reach Kafka"),
+        "missing topic": (
+            ["--bootstrap-servers", kafka.bootstrap_servers, "--input-topic", unique("nope")],
+            "do not exist",
+        ),
+        "bad option": (["--window-seconds", "forever"], "--window-seconds"),
+    }
+    for name, (args, needle) in cases.items():
+        proc = DetectorProcess(tmp_path, name.replace(" ", "-"), "--output-topic", topics[1],
+                               "--dlq-topic", topics[2], *args).start()  # fmt: skip
+        assert proc.proc is not None
+        code = proc.proc.wait(timeout=90)
+        errors = [line for line in proc.log().splitlines() if "error" in line.lower()]
+        assert code != 0, name
+        assert len(errors) == 1, (name, proc.log())
+        assert needle in errors[0], (name, errors)
+        assert "Traceback" not in proc.log(), name
+
+
+async def test_a_failing_dead_letter_write_holds_the_commit_until_it_succeeds(
+    kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """The dead-letter topic is deleted under the running detector: the batch with a
+    bad record is not committed until the topic is back and the copy is written."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    topics = await topics_for(new_topic, 1)
+    group = unique("group")
+    proc = detector(tmp_path, "dlq", kafka, topics, group).start()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        first = await produce(kafka.bootstrap_servers, topics[0], stream_records(100))
+        await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
+        await admin.delete_topics([topics[2]])
+        second = await produce(kafka.bootstrap_servers, topics[0], stream_records(100, seed=9))
+
+        async def publishing_failed() -> bool:
+            errors = proc.metric("anomaly_detector_errors_total", kind="publish")
+            return errors is not None and errors > 0
+
+        await eventually(publishing_failed, what="the dead-letter write to fail")
+        # The batch holding the second part's first bad record (offset 149) stays
+        # uncommitted while its dead-letter copy is pending.
+        assert (await committed(kafka.bootstrap_servers, group, topics[0]))[0] <= 149
+        assert proc.status("/readyz") == 503
+        await admin.create_topics([NewTopic(topics[2], 1, 1)])
+        await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
+        assert proc.terminate() == 0
+    finally:
+        proc.stop_if_running()
+        await admin.close()
+    result = await account(kafka.bootstrap_servers, topics, first + second)
+    # The first part's dead letters went with the deleted topic; the second's are back.
+    assert result.lost == {p for p, r in zip(first, stream_records(100), strict=True)
+                           if r[0] == b"junk"}  # fmt: skip
