@@ -63,7 +63,11 @@ def fit_model(
     forest = IsolationForest(
         n_estimators=params.n_estimators,
         max_samples=min(params.max_samples, len(features)),
-        contamination="auto" if params.contamination is None else params.contamination,
+        # sklearn scores the whole training set to place a contamination threshold;
+        # with a fixed threshold that work would be thrown away.
+        contamination="auto"
+        if params.contamination is None or params.score_threshold is not None
+        else params.contamination,
         random_state=params.seed,
     ).fit(features)
     threshold = (

@@ -11,24 +11,30 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 import pytest
 
+from consumer.topics import ensure_topics
 from tests.conftest import Broker, TopicFactory
 from tests.integration.helpers import (
     DetectorProcess,
+    Running,
     committed,
+    detector_config,
     drain,
     end_offsets,
     event,
     eventually,
     produce,
+    sample,
     wait_all_committed,
 )
+
+OWN_BROKER_PORT = 39492
 
 # Publish every valid event: the accounting then sees each one on the output topic.
 SCORE_EVERYTHING = (
@@ -297,3 +303,125 @@ async def test_a_failing_dead_letter_write_holds_the_commit_until_it_succeeds(
     # The first part's dead letters went with the deleted topic; the second's are back.
     assert result.lost == {p for p, r in zip(first, stream_records(100), strict=True)
                            if r[0] == b"junk"}  # fmt: skip
+
+
+@pytest.fixture
+def own_broker() -> Iterator[Broker]:
+    """A broker of this test's own, so stopping it disturbs no other test."""
+    broker = Broker(f"127.0.0.1:{OWN_BROKER_PORT}", str(OWN_BROKER_PORT))
+    broker.script("reset")
+    broker.script("start")
+    try:
+        yield broker
+    finally:
+        broker.script("stop")
+
+
+@pytest.mark.slow
+async def test_broker_restart_mid_stream_recovers_on_its_own(
+    own_broker: Broker, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    bootstrap = own_broker.bootstrap_servers
+    topics = [unique("in"), unique("out"), unique("dlq")]
+    await ensure_topics(bootstrap, topics[:1], partitions=2)
+    await ensure_topics(bootstrap, topics[1:])
+    group = unique("group")
+    proc = detector(tmp_path, "detector", own_broker, topics, group).start()
+    try:
+        positions = await produce(bootstrap, topics[0], stream_records(2000))
+        await wait_all_committed(bootstrap, group, topics[0])
+
+        async def ready() -> bool:
+            return proc.status("/readyz") == 200
+
+        await eventually(ready, what="the detector to be ready")
+        own_broker.script("stop")
+
+        async def not_ready() -> bool:
+            return proc.status("/readyz") == 503
+
+        await eventually(not_ready, what="/readyz to report the broker away")
+        lines_before = len(proc.log().splitlines())
+        # Stay down for a while: the log must not grow by a line per retry.
+        outage_end = asyncio.get_running_loop().time() + 12
+        await eventually(lambda: _past(outage_end), timeout_seconds=20, what="the outage to last")
+        outage_lines = proc.log().splitlines()[lines_before:]
+        assert len(outage_lines) <= 12, "\n".join(outage_lines)
+        assert proc.alive
+
+        own_broker.script("start")
+        positions += await produce(bootstrap, topics[0], stream_records(2000, seed=11))
+        await wait_all_committed(bootstrap, group, topics[0], timeout_seconds=120)
+        await eventually(ready, what="the detector to be ready again")
+        assert proc.terminate() == 0
+        assert "Traceback" not in proc.log()
+    finally:
+        proc.stop_if_running()
+    result = await account(bootstrap, topics, positions)
+    assert result.lost == set()
+
+
+async def _past(deadline: float) -> bool:
+    return asyncio.get_running_loop().time() >= deadline
+
+
+@pytest.mark.slow
+async def test_a_refit_much_longer_than_the_window_keeps_the_member_in_its_group(
+    kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str]
+) -> None:
+    topics = await topics_for(new_topic, 2)
+    group = unique("group")
+    # Thousands of trees on a large history: each fit takes many windows' time.
+    config = detector_config(
+        kafka.bootstrap_servers, topics, group,
+        "--n-estimators", "1500", "--history-size", "100000", "--min-train", "500",
+        "--refit-seconds", "0.5", "--window-seconds", "0.2", "--score-threshold", "0.9",
+    )  # fmt: skip
+    async with Running(config) as service:
+        records = stream_records(12_000)
+        producing = asyncio.create_task(stream(kafka.bootstrap_servers, topics[0], records, 1000))
+
+        async def refitted_a_few_times() -> bool:
+            return sample(service, "anomaly_detector_model_fits_total", result="ok") >= 3
+
+        await eventually(refitted_a_few_times, timeout_seconds=120, what="three fits")
+        await producing
+        await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
+        fit_seconds = sample(service, "anomaly_detector_model_fit_duration_seconds_sum")
+        fits = sample(service, "anomaly_detector_model_fit_duration_seconds_count")
+        rebalances = sample(service, "anomaly_detector_rebalances_total")
+    # Fits took many windows each, and yet the member was assigned once and never lost
+    # its partitions: heartbeats and polls went on while the forest grew elsewhere.
+    assert fit_seconds / fits > 5 * config.window_seconds
+    assert rebalances == 1
+
+
+@pytest.mark.slow
+async def test_memory_stays_bounded_with_many_sources(
+    kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    topics = await topics_for(new_topic, 2)
+    group = unique("group")
+    proc = detector(tmp_path, "detector", kafka, topics, group, "--max-sources", "2000",
+                    "--history-size", "5000").start()  # fmt: skip
+    now = time.time()
+
+    def wave(first: int, count: int) -> Records:
+        # Every event from a source never seen before: the worst case for the table.
+        return [event(f"host-{i}", now, cpu=0.5, mem=1.0) for i in range(first, first + count)]
+
+    rss: list[float] = []
+    try:
+        for n in range(6):
+            await produce(kafka.bootstrap_servers, topics[0], wave(n * 10_000, 10_000))
+            await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
+            rss.append(proc.metric("process_resident_memory_bytes") or 0.0)
+            sources = proc.metric("anomaly_detector_sources")
+            assert sources is not None
+            assert sources <= 2000
+        assert proc.terminate() == 0
+    finally:
+        proc.stop_if_running()
+    # 40,000 more sources after the second wave, and the process barely grows.
+    growth_mb = (rss[-1] - rss[1]) / 2**20
+    assert growth_mb < 40, rss
