@@ -24,11 +24,13 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from consumer.config import PROG, Config, load_config
 from consumer.http import Health, HttpServer
 from consumer.kafka_io import (
+    Fenced,
     StartupError,
     Throttled,
     check_topics,
     consumer_for,
     producer_for,
+    transactional_id,
 )
 from consumer.metrics import DetectorMetrics
 from consumer.pipeline import Processor
@@ -192,6 +194,18 @@ def _quiet(name: str) -> Iterator[None]:
         log.setLevel(level)
 
 
+def _quiet_client_leftovers(
+    loop: asyncio.AbstractEventLoop, context: dict[str, object]
+) -> None:
+    """aiokafka leaves internal futures failed with a Kafka error behind when a
+    producer is fenced or the broker goes away; the service reports those errors
+    itself, so asyncio need not print a traceback for each leftover."""
+    if isinstance(context.get("exception"), KafkaError):
+        logger.debug("leftover Kafka client error: %s", context.get("exception"))
+        return
+    loop.default_exception_handler(context)
+
+
 def _ignore_sigint() -> None:
     """In the fitting process: Ctrl-C reaches the whole process group, and it is the
     parent's to handle (it finishes the window, then shuts the pool down)."""
@@ -218,6 +232,7 @@ async def serve(config: Config) -> None:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        loop.set_exception_handler(_quiet_client_leftovers)
         await service.run()
     logger.info("stopped")
 
@@ -279,6 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve(config))
     except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except Fenced as exc:
+        print(
+            f"{PROG}: error: fenced: another instance with transactional id "
+            f"{transactional_id(config)!r} took over ({exc}); stopping",
+            file=sys.stderr,
+        )
         return 1
     except KafkaError as exc:
         print(f"{PROG}: error: Kafka: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -166,6 +167,20 @@ OPTIONS: tuple[Option, ...] = (
         86_400.0,
         "events whose ts lies further ahead than this are dead-lettered",
     ),
+    Option(
+        "--processing-guarantee",
+        choice("at-least-once", "exactly-once"),
+        "at-least-once",
+        "at-least-once: commit offsets after the broker acknowledged the batch's records; "
+        "exactly-once: records and offsets in one Kafka transaction per batch",
+    ),
+    Option(
+        "--instance-id",
+        text,
+        socket.gethostname(),
+        "this instance's stable name; with exactly-once, the transactional id is "
+        "<group-id>.<instance-id>, so a restart fences its own zombie",
+    ),
     Option("--metrics-host", text, "0.0.0.0", "address the HTTP endpoint binds"),
     Option(
         "--metrics-port",
@@ -209,6 +224,8 @@ class Config:
     max_metric_abs: float
     max_event_age_seconds: float
     max_future_seconds: float
+    processing_guarantee: str
+    instance_id: str
     metrics_host: str
     metrics_port: int
     log_level: str

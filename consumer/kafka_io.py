@@ -15,6 +15,7 @@ from aiokafka.errors import (
     IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
+    ProducerFenced,
 )
 
 from consumer.config import Config
@@ -30,6 +31,10 @@ TRUNCATED_VALUE_BYTES = 64 * 1024
 
 class StartupError(Exception):
     """Something that stops the service at start: one clear line, no traceback."""
+
+
+class Fenced(Exception):
+    """A newer instance with the same transactional id took over: this one must stop."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,15 @@ class Throttled:
         self._last, self._suppressed = now, 0
 
 
+def exactly_once(config: Config) -> bool:
+    return config.processing_guarantee == "exactly-once"
+
+
+def transactional_id(config: Config) -> str:
+    """Stable per instance: a restarted instance fences its own zombie."""
+    return f"{config.group_id}.{config.instance_id}"
+
+
 def consumer_for(config: Config, **overrides: Any) -> AIOKafkaConsumer:
     """A consumer that never commits on its own: offsets are committed after publishing."""
     settings: dict[str, Any] = {
@@ -80,6 +94,8 @@ def consumer_for(config: Config, **overrides: Any) -> AIOKafkaConsumer:
         "session_timeout_ms": 10_000,
         "heartbeat_interval_ms": 3_000,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
+        # Exactly-once: never read what an aborted transaction wrote upstream.
+        "isolation_level": "read_committed" if exactly_once(config) else "read_uncommitted",
         **overrides,
     }
     return AIOKafkaConsumer(**settings)
@@ -97,6 +113,7 @@ def producer_for(config: Config, **overrides: Any) -> AIOKafkaProducer:
         # A send that cannot complete fails sooner than aiokafka's 40 s, so the retry
         # loop (and its log line and error counter) reports the problem sooner.
         "request_timeout_ms": 15_000,
+        "transactional_id": transactional_id(config) if exactly_once(config) else None,
         **overrides,
     }
     return AIOKafkaProducer(**settings)
@@ -172,6 +189,106 @@ class Publisher:
             message.topic, message.value, key=message.key, headers=message.headers
         )
         return await future
+
+
+class AtLeastOnce:
+    """Publish, wait for every acknowledgement, then commit the input offsets.
+
+    A crash between the two publishes the batch again after the restart: duplicates
+    are possible, losses are not.
+    """
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        publisher: Publisher,
+        *,
+        on_commit_error: Callable[[], None],
+    ) -> None:
+        self.consumer = consumer
+        self.publisher = publisher
+        self._on_commit_error = on_commit_error
+
+    async def deliver(
+        self, messages: Sequence[Message], offsets: dict[TopicPartition, int]
+    ) -> bool:
+        if not await self.publisher.publish(messages):
+            return False
+        await commit(self.consumer, offsets, self._on_commit_error)
+        return True
+
+
+class ExactlyOnce:
+    """One Kafka transaction per batch: its records and its input offsets commit
+    together or not at all, so a read_committed reader sees each result once.
+
+    A failed transaction is aborted and the same batch is tried again; a fenced
+    producer (a newer instance with the same transactional id) raises ``Fenced``.
+    """
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        *,
+        group_id: str,
+        on_result: Callable[[str], None],
+        should_retry: Callable[[], bool],
+        max_backoff_seconds: float = 5.0,
+    ) -> None:
+        self.consumer = consumer
+        self.producer = producer
+        self.group_id = group_id
+        self._on_result = on_result
+        self._should_retry = should_retry
+        self._max_backoff = max_backoff_seconds
+        self._throttled = Throttled(logger)
+
+    async def deliver(
+        self, messages: Sequence[Message], offsets: dict[TopicPartition, int]
+    ) -> bool:
+        backoff = 0.1
+        while True:
+            # Offsets of partitions revoked meanwhile are never committed by this
+            # (now stale) owner: the new owner reads those records again.
+            assigned = self.consumer.assignment()
+            owned = {tp: off for tp, off in offsets.items() if tp in assigned}
+            futures: list[asyncio.Future[Any]] = []
+            try:
+                async with self.producer.transaction():
+                    for m in messages:
+                        future = await self.producer.send(
+                            m.topic, m.value, key=m.key, headers=m.headers
+                        )
+                        # If the transaction fails, its sends fail too; that is reported
+                        # once, below, not as "exception never retrieved" per record.
+                        future.add_done_callback(_observed)
+                        futures.append(future)
+                    if owned:
+                        await self.producer.send_offsets_to_transaction(owned, self.group_id)
+                    await asyncio.gather(*futures)
+            except ProducerFenced as exc:
+                self._on_result("aborted")
+                raise Fenced(str(exc)) from None
+            except (TimeoutError, KafkaError, OSError) as exc:
+                self._on_result("aborted")
+                if self.producer._txn_manager.is_fatal_error():
+                    raise Fenced(f"the transactional producer failed for good: {exc}") from None
+                self._throttled.warning(
+                    "transaction aborted (%s: %s); trying the batch again", type(exc).__name__, exc
+                )
+                if not self._should_retry():
+                    return False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+                continue
+            self._on_result("committed")
+            return True
+
+
+def _observed(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def commit(

@@ -14,6 +14,7 @@ from consumer.events import REASONS
 PREFIX = "anomaly_detector"
 
 FIT_RESULTS = ("ok", "error")
+TRANSACTION_RESULTS = ("committed", "aborted")
 ERROR_KINDS = ("publish", "commit")
 
 # Batches run from a handful of events to --max-batch; scores live in [0, 1].
@@ -121,6 +122,12 @@ class DetectorMetrics:
             ["kind"],
             registry=r,
         )
+        self.transactions = Counter(
+            name("transactions"),
+            "Kafka transactions (exactly-once mode), by result.",
+            ["result"],
+            registry=r,
+        )
         self.rebalances = Counter(name("rebalances"), "Partition assignments received.", registry=r)
         self.assigned_partitions = Gauge(
             name("assigned_partitions"), "Input partitions assigned to this instance.", registry=r
@@ -140,5 +147,7 @@ class DetectorMetrics:
             self.events_invalid.labels(reason)
         for result in FIT_RESULTS:
             self.fits.labels(result)
+        for result in TRANSACTION_RESULTS:
+            self.transactions.labels(result)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)

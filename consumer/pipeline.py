@@ -29,7 +29,7 @@ from consumer.config import Config
 from consumer.detector import Detector, DetectorSettings, Prepared, Verdict
 from consumer.events import Event, EventParser, Invalid, Limits
 from consumer.http import Health
-from consumer.kafka_io import Message, Publisher, commit
+from consumer.kafka_io import AtLeastOnce, ExactlyOnce, Message, Publisher, exactly_once
 from consumer.metrics import DetectorMetrics
 from consumer.model import FitParams, FittedModel, fit_model
 from consumer.normalize import BoolArray
@@ -154,9 +154,22 @@ class Processor:
     ) -> None:
         self.config = config
         self.consumer = consumer
-        self.publisher = Publisher(
-            producer, on_error=self._publish_failed, should_retry=self._keep_retrying
-        )
+        self.delivery: AtLeastOnce | ExactlyOnce
+        if exactly_once(config):
+            self.delivery = ExactlyOnce(
+                consumer,
+                producer,
+                group_id=config.group_id,
+                on_result=self._transaction_ended,
+                should_retry=self._keep_retrying,
+            )
+        else:
+            publisher = Publisher(
+                producer, on_error=self._publish_failed, should_retry=self._keep_retrying
+            )
+            self.delivery = AtLeastOnce(
+                consumer, publisher, on_commit_error=metrics.errors.labels("commit").inc
+            )
         self.metrics = metrics
         self.health = health
         self.fit_executor = fit_executor
@@ -209,6 +222,11 @@ class Processor:
         # Publishing is retried for as long as it takes, except when stopping: then the
         # unpublished batch is left uncommitted after a grace period, to be read again.
         return self._stopped_at is None or time.monotonic() - self._stopped_at < _STOP_GRACE_SECONDS
+
+    def _transaction_ended(self, result: str) -> None:
+        self.metrics.transactions.labels(result).inc()
+        if result == "aborted":
+            self.health.broker_error = "a transaction was aborted"
 
     def _publish_failed(self, count: int, error: BaseException) -> None:
         self.metrics.errors.labels("publish").inc(count)
@@ -345,11 +363,9 @@ class Processor:
             if not work.learned:
                 self.detector.learn(work.prepared, verdict.anomalous)
             messages.extend(self._anomalies(work, verdict))
-        if not await self.publisher.publish(messages):
+        if not await self.delivery.deliver(messages, work.offsets()):
             return None  # Shutting down with the broker away: leave the batch uncommitted.
-        acked_at = time.time()
-        self._record_published(work, verdict, acked_at)
-        await commit(self.consumer, work.offsets(), self.metrics.errors.labels("commit").inc)
+        self._record_published(work, verdict, acked_at=time.time())
         return verdict
 
     async def _score(self, prepared: Prepared, model: FittedModel) -> Verdict:

@@ -83,13 +83,18 @@ class Accounting:
         return sum(n - 1 for n in self.outputs.values())
 
 
-async def account(bootstrap: str, topics: list[str], inputs: list[Position]) -> Accounting:
+async def account(
+    bootstrap: str,
+    topics: list[str],
+    inputs: list[Position],
+    isolation_level: str = "read_uncommitted",
+) -> Accounting:
     outputs: Counter[Position] = Counter()
-    for record in await drain(bootstrap, topics[1]):
+    for record in await drain(bootstrap, topics[1], isolation_level):
         origin = orjson.loads(record.value)["input"]
         assert origin["topic"] == topics[0]
         outputs[(origin["partition"], origin["offset"])] += 1
-    for record in await drain(bootstrap, topics[2]):
+    for record in await drain(bootstrap, topics[2], isolation_level):
         headers = dict(record.headers)
         assert headers["dlq.reason"] == b"bad_metrics"
         outputs[(int(headers["dlq.partition"]), int(headers["dlq.offset"]))] += 1
