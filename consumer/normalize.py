@@ -72,11 +72,15 @@ class SourceNormalizer:
         return len(self._rows)
 
     def rows(self, sources: list[str], *, create: bool = True) -> IntArray:
-        """Row of each source in the table; -1 for an unknown source when not creating."""
-        self._tick += 1
+        """Row of each source in the table; -1 for an unknown source when not creating.
+
+        Without ``create`` this only reads, so scoring on the side (the HTTP endpoint)
+        never changes which sources are kept.
+        """
         rows = self._rows
         idx = np.fromiter((rows.get(s, -1) for s in sources), dtype=np.intp, count=len(sources))
         if create:
+            self._tick += 1
             missing = idx < 0
             if missing.any():
                 seen_now = np.unique(idx[~missing])
