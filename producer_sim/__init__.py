@@ -1,0 +1,1 @@
+"""Simulated metric streams with labelled anomalies, to feed and score the detector."""

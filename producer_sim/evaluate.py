@@ -1,0 +1,211 @@
+"""Reading the truth and the detections back from Kafka, and joining them.
+
+Both topics are read whole, from their beginning to the end offsets seen at start, by a
+consumer without a group (it takes every partition itself and commits nothing), so an
+evaluation never disturbs the detector's group and can be repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from producer_sim.errors import describe
+from producer_sim.generator import HEADER_ANOMALY, HEADER_EPISODE
+from producer_sim.report import Detection, RecordKey, Report, Truth, build_report
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS = 500
+
+
+class EvaluateError(Exception):
+    """A reason the evaluation cannot be made, as one line for the user."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    bootstrap_servers: str = "localhost:9092"
+    input_topic: str = "metrics"
+    anomalies_topic: str = "anomalies"
+    timeout_seconds: float = 30.0  # the longest wait for records before the end offsets
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The report, and the anomaly records that could not be scored."""
+
+    report: Report
+    unmatched_detections: int  # pointing at another topic or outside what was read
+    unreadable_anomalies: int  # not JSON, or without a valid input/detected_at
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.report.to_json(),
+            "unmatched_detections": self.unmatched_detections,
+            "unreadable_anomalies": self.unreadable_anomalies,
+        }
+
+    def render(self) -> str:
+        lines = [self.report.render()]
+        if self.unmatched_detections or self.unreadable_anomalies:
+            lines.append(
+                f"ignored: {self.unmatched_detections} anomalies pointing outside the input "
+                f"read, {self.unreadable_anomalies} unreadable anomaly records"
+            )
+        return "\n".join(lines)
+
+
+async def evaluate(config: EvaluateConfig) -> Evaluation:
+    """Read both topics whole and score the detections against the truth headers."""
+    await _check_topics(config)
+    topics = (config.input_topic, config.anomalies_topic)
+    # Without a group, the consumer is assigned every partition of both topics itself.
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=config.bootstrap_servers,
+        client_id="producer-sim-evaluate",
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    truth = _TruthReader()
+    detections = _DetectionReader(config.input_topic)
+    handlers = {config.input_topic: truth.add, config.anomalies_topic: detections.add}
+    try:
+        await consumer.start()
+        ranges = await _read_whole(consumer, handlers, config.timeout_seconds)
+    except KafkaError as exc:
+        raise EvaluateError(f"reading failed: {describe(exc)}") from None
+    finally:
+        await consumer.stop()
+    input_ranges = {
+        tp.partition: span for tp, span in ranges.items() if tp.topic == config.input_topic
+    }
+    inside = [d for d in detections.detections if _within(input_ranges, d)]
+    report = build_report(truth.anomalous, inside, events=truth.events)
+    return Evaluation(
+        report,
+        unmatched_detections=detections.other_topic + len(detections.detections) - len(inside),
+        unreadable_anomalies=detections.unreadable,
+    )
+
+
+async def _check_topics(config: EvaluateConfig) -> None:
+    """Name a missing topic at once (a consumer would wait 40 s for it to appear)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=config.bootstrap_servers, client_id="producer-sim-evaluate"
+    )
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+    except KafkaError as exc:
+        raise EvaluateError(
+            f"cannot reach Kafka at {config.bootstrap_servers}: {describe(exc)}"
+        ) from None
+    finally:
+        await admin.close()
+    missing = [t for t in (config.input_topic, config.anomalies_topic) if t not in existing]
+    if missing:
+        raise EvaluateError(
+            f"topic(s) {', '.join(repr(t) for t in missing)} do not exist on "
+            f"{config.bootstrap_servers}"
+        )
+
+
+def _within(ranges: dict[int, tuple[int, int]], detection: Detection) -> bool:
+    span = ranges.get(detection.partition)
+    return span is not None and span[0] <= detection.offset < span[1]
+
+
+class _TruthReader:
+    """Keeps only the anomalous input records: normal ones are just counted."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.anomalous: dict[RecordKey, Truth] = {}
+
+    def add(self, record: Any) -> None:
+        self.events += 1
+        headers = dict(record.headers or ())
+        kind, episode = headers.get(HEADER_ANOMALY), headers.get(HEADER_EPISODE)
+        if kind is None or episode is None:
+            return
+        try:
+            ts = float(orjson.loads(record.value)["ts"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            ts = record.timestamp / 1000.0
+        self.anomalous[(record.partition, record.offset)] = Truth(
+            kind.decode(), episode.decode(), ts
+        )
+
+
+class _DetectionReader:
+    def __init__(self, input_topic: str) -> None:
+        self.input_topic = input_topic
+        self.detections: list[Detection] = []
+        self.other_topic = 0
+        self.unreadable = 0
+
+    def add(self, record: Any) -> None:
+        try:
+            doc = orjson.loads(record.value)
+            source = doc["input"]
+            topic, partition, offset = source["topic"], source["partition"], source["offset"]
+            detected_at = float(doc["detected_at"])
+            if not (isinstance(partition, int) and isinstance(offset, int)):
+                raise TypeError("partition and offset must be integers")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            self.unreadable += 1
+            return
+        if topic != self.input_topic:
+            self.other_topic += 1
+            return
+        self.detections.append(Detection(partition, offset, detected_at))
+
+
+async def _read_whole(
+    consumer: AIOKafkaConsumer,
+    handlers: Mapping[str, Callable[[Any], None]],
+    timeout_seconds: float,
+) -> dict[TopicPartition, tuple[int, int]]:
+    """Feed every record of the topics, up to their end offsets at start, to its handler.
+
+    Gives up when no record came for ``timeout_seconds`` (a big topic may take longer
+    than that to read). Returns each partition's [beginning, end) offsets.
+    """
+    partitions = sorted(consumer.assignment())
+    beginning = await consumer.beginning_offsets(partitions)
+    end = await consumer.end_offsets(partitions)
+    await consumer.seek_to_beginning(*partitions)
+    pending = {tp for tp in partitions if end[tp] > beginning[tp]}
+    consumer.pause(*(set(partitions) - pending))
+    deadline = time.monotonic() + timeout_seconds
+    while pending:
+        if time.monotonic() > deadline:
+            tp = min(pending)
+            position = await consumer.position(tp)
+            raise EvaluateError(
+                f"no records for {timeout_seconds:g} s while reading {tp.topic}[{tp.partition}]"
+                f" at offset {position} of {end[tp]}"
+            )
+        batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
+        if batches:
+            deadline = time.monotonic() + timeout_seconds
+        for tp, records in batches.items():
+            for record in records:
+                if record.offset < end[tp]:
+                    handlers[tp.topic](record)
+        for tp in list(pending):
+            if await consumer.position(tp) >= end[tp]:
+                pending.discard(tp)
+                consumer.pause(tp)
+    return {tp: (beginning[tp], end[tp]) for tp in partitions}
