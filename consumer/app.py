@@ -34,6 +34,7 @@ from consumer.kafka_io import (
 )
 from consumer.metrics import DetectorMetrics
 from consumer.pipeline import Processor
+from consumer.scoring import ScoreLimits, Scorer, load_token
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,22 @@ class Service:
         self.registry = registry
         self.metrics = DetectorMetrics(registry)
         self.health = Health()
-        self.http = HttpServer(config.metrics_host, config.metrics_port, registry, self.health)
-        self._stack = AsyncExitStack()
         self.processor: Processor | None = None
+        # /score reads the live processor, which exists only once start() made it.
+        self.scorer = Scorer(
+            lambda: self.processor,
+            self.metrics,
+            ScoreLimits(
+                max_body_bytes=config.score_max_body_bytes,
+                max_events=config.score_max_events,
+                max_concurrency=config.score_max_concurrency,
+            ),
+            token=load_token(config),
+        )
+        self.http = HttpServer(
+            config.metrics_host, config.metrics_port, registry, self.health, self.scorer
+        )
+        self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -86,6 +100,11 @@ class Service:
                 f"(--metrics-port): {exc.strerror or exc}"
             ) from None
         self._stack.callback(self.http.stop)
+        if not self.scorer.protected:
+            logger.info(
+                "POST /score is open to anyone who reaches %s (no --score-token-file)",
+                self.config.metrics_host,
+            )
         try:
             with _quiet("aiokafka"):
                 # Stopping a client that never started is harmless; registering the stop
@@ -194,9 +213,7 @@ def _quiet(name: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _quiet_client_leftovers(
-    loop: asyncio.AbstractEventLoop, context: dict[str, object]
-) -> None:
+def _quiet_client_leftovers(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
     """aiokafka leaves internal futures failed with a Kafka error behind when a
     producer is fenced or the broker goes away; the service reports those errors
     itself, so asyncio need not print a traceback for each leftover."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from consumer.options import (
     Option,
@@ -15,6 +15,7 @@ from consumer.options import (
     integer,
     name_list,
     number,
+    optional_text,
     parse_options,
     text,
 )
@@ -186,7 +187,40 @@ OPTIONS: tuple[Option, ...] = (
         "--metrics-port",
         integer(minimum=0, maximum=65_535),
         8000,
-        "port of /metrics, /healthz and /readyz (0: pick a free port)",
+        "port of /metrics, /healthz, /readyz and /score (0: pick a free port)",
+    ),
+    Option(
+        "--score-max-body-bytes",
+        integer(minimum=2, maximum=1 << 30),
+        1 << 20,
+        "largest POST /score body accepted; a larger one is answered 413",
+    ),
+    Option(
+        "--score-max-events",
+        integer(minimum=1, maximum=1_000_000),
+        10_000,
+        "most events one POST /score may hold; more are answered 413",
+    ),
+    Option(
+        "--score-max-concurrency",
+        integer(minimum=1, maximum=64),
+        2,
+        "POST /score requests scored at once; one more is answered 429 at once, not queued",
+    ),
+    Option(
+        "--score-token-file",
+        optional_text,
+        None,
+        "file holding the bearer token POST /score requires (Authorization: Bearer <token>); "
+        "with no token, /score is open to whoever reaches --metrics-host",
+    ),
+    Option(
+        "--score-token",
+        optional_text,
+        None,
+        "the bearer token itself, best from the environment; prefer --score-token-file "
+        "(a flag shows in the process list)",
+        secret=True,
     ),
     Option("--log-level", choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("--log-json", boolean, False, "log one JSON object per line"),
@@ -228,6 +262,12 @@ class Config:
     instance_id: str
     metrics_host: str
     metrics_port: int
+    score_max_body_bytes: int
+    score_max_events: int
+    score_max_concurrency: int
+    score_token_file: str | None
+    # Never in a repr: configurations end up in logs and test reports.
+    score_token: str | None = field(repr=False)
     log_level: str
     log_json: bool
 
@@ -247,6 +287,8 @@ class Config:
                 f"--max-sources ({self.max_sources}) must be at least --max-batch "
                 f"({self.max_batch}), so that every source of one batch fits in the table"
             )
+        if self.score_token is not None and self.score_token_file is not None:
+            raise OptionError("give --score-token or --score-token-file, not both")
         if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
             raise OptionError("--input-topic, --output-topic and --dlq-topic must all differ")
 

@@ -1,17 +1,20 @@
-"""The HTTP endpoint: ``/metrics``, ``/healthz``, ``/readyz`` and a landing page.
+"""The HTTP endpoint: ``/metrics``, ``/healthz``, ``/readyz``, ``/score`` and a landing page.
 
-It runs in its own thread on purpose: ``/healthz`` must still answer, with a failure,
-when the event loop is stuck, which a server on that same loop could not do.
+It runs in its own threads on purpose: ``/healthz`` must still answer, with a failure,
+when the event loop is stuck, which a server on that same loop could not do; and
+``/score`` (``consumer/scoring.py``) does its work there, never on the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -20,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 # The loop beats every 100 ms; a loop that has not beaten for this long is stuck.
 LIVENESS_TIMEOUT_SECONDS = 10.0
+# A client that stops sending mid-request gives its thread back after this long.
+_SOCKET_TIMEOUT_SECONDS = 30.0
+_GET_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/"})
 
 
 @dataclass
@@ -48,24 +54,68 @@ class Health:
         return ok, checks
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What ``/score`` needs of a request; ``read(n)`` reads n bytes of the body."""
+
+    method: str
+    query: str
+    content_length: str | None
+    authorization: str | None
+    read: Callable[[int], bytes]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A JSON answer: status, body (anything orjson serialises) and extra headers."""
+
+    status: int
+    body: Any
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class ScoreEndpoint(Protocol):
+    """Answers ``/score`` requests (``consumer.scoring.Scorer``); must never raise."""
+
+    def handle(self, request: ScoreRequest) -> Reply: ...
+
+
 _LANDING = b"""<!doctype html><html><head><title>anomaly-detector</title></head><body>
 <h1>anomaly-detector</h1><ul>
 <li><a href="/metrics">/metrics</a>: Prometheus metrics</li>
 <li><a href="/healthz">/healthz</a>: liveness (the event loop runs)</li>
 <li><a href="/readyz">/readyz</a>: readiness
 (partitions assigned, a model fitted, broker reachable)</li>
+<li>POST /score: score a JSON array of events with the live model</li>
 </ul></body></html>
 """
 
 
-class HttpServer:
-    """Serves the endpoints from a daemon thread; ``start``/``stop`` are idempotent."""
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Room for a burst of connections: the default of 5 makes clients wait a second.
+    request_queue_size = 128
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+
+class HttpServer:
+    """Serves the endpoints from a daemon thread; ``start``/``stop`` are idempotent.
+
+    Without a ``scorer``, ``/score`` does not exist (404).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: Health,
+        scorer: ScoreEndpoint | None = None,
+    ) -> None:
         self.host = host
         self.requested_port = port
         self.registry = registry
         self.health = health
+        self.scorer = scorer
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -78,9 +128,8 @@ class HttpServer:
     def start(self) -> None:
         if self._server is not None:
             return
-        handler = _make_handler(self.registry, self.health)
-        self._server = ThreadingHTTPServer((self.host, self.requested_port), handler)
-        self._server.daemon_threads = True
+        handler = _make_handler(self.registry, self.health, self.scorer)
+        self._server = _Server((self.host, self.requested_port), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
         self._thread.start()
         logger.info("HTTP endpoint on http://%s:%d/", self.host, self.port)
@@ -96,35 +145,78 @@ class HttpServer:
         self._thread = None
 
 
-def _make_handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPRequestHandler]:
+def _make_handler(
+    registry: CollectorRegistry, health: Health, scorer: ScoreEndpoint | None
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "anomaly-detector"
+        timeout = _SOCKET_TIMEOUT_SECONDS
 
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
+            self._route()
+
+        do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+        def _route(self) -> None:
+            path, _, query = self.path.partition("?")
+            try:
+                if path == "/score" and scorer is not None:
+                    request = ScoreRequest(
+                        self.command,
+                        query,
+                        self.headers.get("Content-Length"),
+                        self.headers.get("Authorization"),
+                        self.rfile.read,
+                    )
+                    reply = scorer.handle(request)
+                    self._json(reply.status, reply.body, reply.headers)
+                elif path not in _GET_PATHS:
+                    self._json(404, {"error": f"no such path: {path}"})
+                elif self.command not in ("GET", "HEAD"):
+                    error = f"{self.command} is not allowed on {path}"
+                    self._json(405, {"error": error}, (("Allow", "GET, HEAD"),))
+                else:
+                    self._get(path)
+            except OSError as exc:
+                # The client went away or stalled: there is no one left to answer.
+                logger.debug("http: %s %s: %s", self.command, path, exc)
+            except Exception:
+                # Should not happen; one request must still not take the server down.
+                logger.exception("http: %s %s failed", self.command, path)
+                with contextlib.suppress(Exception):
+                    self._json(500, {"error": "internal error; see the service log"})
+
+        def _get(self, path: str) -> None:
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._probe(*health.live())
             elif path == "/readyz":
                 self._probe(*health.ready())
-            elif path == "/":
-                self._send(200, _LANDING, "text/html; charset=utf-8")
             else:
-                self._json(404, {"error": f"no such path: {path}"})
+                self._send(200, _LANDING, "text/html; charset=utf-8")
 
         def _probe(self, ok: bool, checks: dict[str, Any]) -> None:
             self._json(200 if ok else 503, {"status": "ok" if ok else "fail", **checks})
 
-        def _json(self, status: int, body: dict[str, Any]) -> None:
-            self._send(status, orjson.dumps(body), "application/json")
+        def _json(self, status: int, body: Any, headers: tuple[tuple[str, str], ...] = ()) -> None:
+            self._send(status, orjson.dumps(body), "application/json", headers)
 
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes,
+            content_type: str,
+            headers: tuple[tuple[str, str], ...] = (),
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            for name, value in headers:
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             # Scrapes every few seconds would drown the service's own log lines.

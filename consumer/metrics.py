@@ -16,6 +16,8 @@ PREFIX = "anomaly_detector"
 FIT_RESULTS = ("ok", "error")
 TRANSACTION_RESULTS = ("committed", "aborted")
 ERROR_KINDS = ("publish", "commit")
+# Every status /score answers with (consumer/scoring.py), so each series exists at 0.
+SCORE_CODES = ("200", "400", "401", "405", "411", "413", "429", "500", "503")
 
 # Batches run from a handful of events to --max-batch; scores live in [0, 1].
 _BATCH_SIZE_BUCKETS = (1, 10, 100, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
@@ -143,6 +145,18 @@ class DetectorMetrics:
             "Event time of the newest processed event (Unix time).",
             registry=r,
         )
+        self.score_requests = Counter(
+            name("score_requests"),
+            "Requests to /score (on-demand scoring over HTTP), by HTTP status code.",
+            ["code"],
+            registry=r,
+        )
+        self.score_request_duration = Histogram(
+            name("score_request_duration_seconds"),
+            "Time to answer one /score request, refusals included.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
         for reason in REASONS:
             self.events_invalid.labels(reason)
         for result in FIT_RESULTS:
@@ -151,3 +165,5 @@ class DetectorMetrics:
             self.transactions.labels(result)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
+        for code in SCORE_CODES:
+            self.score_requests.labels(code)

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumer.http import LIVENESS_TIMEOUT_SECONDS, Health, HttpServer
+from consumer.http import LIVENESS_TIMEOUT_SECONDS, Health, HttpServer, Reply, ScoreRequest
 from consumer.metrics import DetectorMetrics
 
 
@@ -28,9 +28,13 @@ def served() -> Iterator[tuple[HttpServer, DetectorMetrics, Health]]:
     server.stop()
 
 
-def get(server: HttpServer, path: str) -> tuple[int, bytes]:
+def get(
+    server: HttpServer, path: str, method: str = "GET", data: bytes | None = None
+) -> tuple[int, bytes]:
+    url = f"http://127.0.0.1:{server.port}{path}"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as r:
+        request = urllib.request.Request(url, data=data, method=method)
+        with urllib.request.urlopen(request, timeout=5) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
@@ -82,3 +86,63 @@ def test_landing_page_and_unknown_paths(
     assert status == 200
     assert b"/metrics" in body
     assert get(server, "/nope")[0] == 404
+
+
+def test_wrong_methods_on_known_paths_are_405_and_head_has_no_body(
+    served: tuple[HttpServer, DetectorMetrics, Health],
+) -> None:
+    server, _, _ = served
+    status, body = get(server, "/metrics", method="POST", data=b"x")
+    assert status == 405
+    assert orjson.loads(body)["error"] == "POST is not allowed on /metrics"
+    assert get(server, "/healthz", method="DELETE")[0] == 405
+    assert get(server, "/metrics", method="HEAD") == (200, b"")
+    # Without a scorer there is no /score at all.
+    assert get(server, "/score", method="POST", data=b"[]")[0] == 404
+
+
+class FakeScorer:
+    """Stands for consumer.scoring.Scorer: records what the HTTP layer hands over."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.seen: list[tuple[str, str, str | None, bytes]] = []
+
+    def handle(self, request: ScoreRequest) -> Reply:
+        if self.fail:
+            raise RuntimeError("a scorer must not raise, but if it does")
+        length = int(request.content_length or 0)
+        body = request.read(length)
+        self.seen.append((request.method, request.query, request.authorization, body))
+        return Reply(201, {"echo": body.decode()}, (("X-Seen", str(len(self.seen))),))
+
+
+def test_score_requests_go_to_the_scorer_with_method_query_and_body() -> None:
+    scorer = FakeScorer()
+    server = HttpServer("127.0.0.1", 0, CollectorRegistry(), Health(), scorer)
+    server.start()
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/score?source=a",
+            data=b"[1]",
+            headers={"Authorization": "Bearer t"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as r:
+            assert (r.status, r.headers["X-Seen"]) == (201, "1")
+            assert orjson.loads(r.read()) == {"echo": "[1]"}
+        assert get(server, "/score")[0] == 201
+        assert scorer.seen == [("POST", "source=a", "Bearer t", b"[1]"), ("GET", "", None, b"")]
+    finally:
+        server.stop()
+
+
+def test_a_scorer_that_raises_gets_a_500_and_the_server_keeps_serving() -> None:
+    server = HttpServer("127.0.0.1", 0, CollectorRegistry(), Health(), FakeScorer(fail=True))
+    server.start()
+    try:
+        status, body = get(server, "/score", method="POST", data=b"[]")
+        assert status == 500
+        assert "must not raise" not in body.decode()
+        assert get(server, "/")[0] == 200
+    finally:
+        server.stop()

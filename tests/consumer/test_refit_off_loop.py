@@ -11,6 +11,7 @@ import asyncio
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from consumer.model import FitParams, fit_model
 TICK_SECONDS = 0.01
 
 
-async def worst_lateness_while(fit: asyncio.Future[object]) -> tuple[float, int]:
+async def worst_lateness_while(fit: asyncio.Future[Any]) -> tuple[float, int]:
     loop = asyncio.get_running_loop()
     worst, ticks = 0.0, 0
     while not fit.done():
