@@ -19,6 +19,7 @@ from consumer.options import (
     parse_options,
     text,
 )
+from consumer.security import SECURITY_OPTIONS, KafkaSecurity, server_ssl_context
 
 PROG = "anomaly-detector"
 ENV_PREFIX = "ANOMALY_"
@@ -95,7 +96,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--contamination",
         contamination,
-        0.005,
+        0.002,
         "expected share of anomalies: sets the threshold from the training scores, "
         "or 'auto' for sklearn's fixed 0.5",
     ),
@@ -190,6 +191,19 @@ OPTIONS: tuple[Option, ...] = (
         "port of /metrics, /healthz, /readyz and /score (0: pick a free port)",
     ),
     Option(
+        "--metrics-certfile",
+        optional_text,
+        None,
+        "PEM certificate (chain) of the HTTP endpoint: with --metrics-keyfile, it serves "
+        "HTTPS only",
+    ),
+    Option(
+        "--metrics-keyfile",
+        optional_text,
+        None,
+        "PEM private key (unencrypted) of --metrics-certfile (may be the same file)",
+    ),
+    Option(
         "--score-max-body-bytes",
         integer(minimum=2, maximum=1 << 30),
         1 << 20,
@@ -224,6 +238,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("--log-level", choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("--log-json", boolean, False, "log one JSON object per line"),
+    *SECURITY_OPTIONS,
 )
 
 
@@ -262,6 +277,8 @@ class Config:
     instance_id: str
     metrics_host: str
     metrics_port: int
+    metrics_certfile: str | None
+    metrics_keyfile: str | None
     score_max_body_bytes: int
     score_max_events: int
     score_max_concurrency: int
@@ -270,6 +287,8 @@ class Config:
     score_token: str | None = field(repr=False)
     log_level: str
     log_json: bool
+    # How the Kafka clients connect (TLS, SASL); its repr hides the password.
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     def __post_init__(self) -> None:
         if self.min_train > self.history_size:
@@ -291,6 +310,22 @@ class Config:
             raise OptionError("give --score-token or --score-token-file, not both")
         if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
             raise OptionError("--input-topic, --output-topic and --dlq-topic must all differ")
+        if (self.metrics_certfile is None) != (self.metrics_keyfile is None):
+            raise OptionError(
+                "--metrics-certfile and --metrics-keyfile go together: give both "
+                "(they may name the same file)"
+            )
+
+    @property
+    def metrics_tls(self) -> bool:
+        return self.metrics_certfile is not None
+
+    def check_files(self) -> None:
+        """Read every file the TLS and SASL options name (``SecurityError`` naming the
+        option if one cannot be used), so that a bad one stops the detector at start."""
+        self.security.check()
+        if self.metrics_certfile is not None and self.metrics_keyfile is not None:
+            server_ssl_context(self.metrics_certfile, self.metrics_keyfile)
 
 
 def load_config(
@@ -306,6 +341,9 @@ def load_config(
         environ=environ,
     )
     try:
-        return Config(**values)
+        security = KafkaSecurity.from_options(values)
+        config = Config(**values, security=security)
+        config.check_files()
     except OptionError as exc:
         fail(PROG, str(exc))
+    return config

@@ -25,7 +25,7 @@ class FitParams:
 
     n_estimators: int = 100
     max_samples: int = 1024
-    contamination: float | None = 0.005
+    contamination: float | None = 0.002
     score_threshold: float | None = None
     seed: int = 42
 

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -33,6 +34,7 @@ from consumer.options import (
     parse_options,
     text,
 )
+from consumer.security import SECURITY_OPTIONS, KafkaSecurity
 from producer_sim.evaluate import EvaluateConfig, EvaluateError, evaluate
 from producer_sim.generator import KINDS, METRIC_NAMES, SimConfig
 from producer_sim.run import RunConfig, RunError, default_progress, run
@@ -79,7 +81,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option(
         "--anomaly-rate",
         number(minimum=0, maximum=1),
-        0.005,
+        0.0005,
         "probability that an event outside an anomaly starts one",
     ),
     Option("--kinds", kinds, KINDS, f"anomaly kinds, comma-separated: {','.join(KINDS)}"),
@@ -102,6 +104,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
         None,
         "progress line on stderr: true, false or auto (on a terminal)",
     ),
+    *SECURITY_OPTIONS,
 )
 
 EVALUATE_OPTIONS: tuple[Option, ...] = (
@@ -115,6 +118,7 @@ EVALUATE_OPTIONS: tuple[Option, ...] = (
         30.0,
         "how long to wait for records before both topics are read to their end",
     ),
+    *SECURITY_OPTIONS,
 )
 
 
@@ -131,6 +135,7 @@ def parse_run(
         description="Send a simulated metric stream with labelled anomalies to Kafka.",
         environ=environ,
     )
+    security = _security(prog, v)
     if "correlation_break" in v["kinds"] and v["metrics_per_source"] < 2:
         fail(prog, "--kinds correlation_break needs --metrics-per-source of at least 2")
     now = time.time() if now is None else now
@@ -160,6 +165,7 @@ def parse_run(
         count=v["count"],
         metrics_port=v["metrics_port"],
         progress=default_progress() if v["progress"] is None else v["progress"],
+        security=security,
     )
 
 
@@ -175,6 +181,7 @@ def parse_evaluate(
         description="Score the detector's anomalies against the simulator's truth headers.",
         environ=environ,
     )
+    security = _security(f"{PROG} evaluate", v)
     if v["input_topic"] == v["anomalies_topic"]:
         fail(f"{PROG} evaluate", "--input-topic and --anomalies-topic must differ")
     config = EvaluateConfig(
@@ -182,8 +189,20 @@ def parse_evaluate(
         input_topic=v["input_topic"],
         anomalies_topic=v["anomalies_topic"],
         timeout_seconds=v["timeout_seconds"],
+        security=security,
     )
     return config, v["json"]
+
+
+def _security(prog: str, values: dict[str, Any]) -> KafkaSecurity:
+    """The TLS and SASL settings, taken out of ``values``; a combination that does not
+    fit, or a file that cannot be used, exits 2 with one line naming the option."""
+    try:
+        security = KafkaSecurity.from_options(values)
+        security.check()
+    except OptionError as exc:
+        fail(prog, str(exc))
+    return security
 
 
 async def amain(

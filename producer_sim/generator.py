@@ -67,7 +67,7 @@ class SimConfig:
 
     sources: int = 50
     metrics_per_source: int = 4
-    anomaly_rate: float = 0.005  # probability that an event (outside an episode) starts one
+    anomaly_rate: float = 0.0005  # probability that an event (outside an episode) starts one
     kinds: tuple[str, ...] = KINDS
     seed: int = 0
     day_seconds: float = 600.0

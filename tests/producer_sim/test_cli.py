@@ -70,7 +70,7 @@ def test_run_defaults() -> None:
     assert (config.count, config.duration_seconds, config.metrics_port) == (0, 0.0, 0)
     assert config.progress is True
     sim = config.sim
-    assert (sim.sources, sim.metrics_per_source, sim.anomaly_rate) == (50, 4, 0.005)
+    assert (sim.sources, sim.metrics_per_source, sim.anomaly_rate) == (50, 4, 0.0005)
     assert sim.kinds == KINDS
     assert sim.day_seconds == 600.0
     assert sim.start_ts == NOW
