@@ -108,13 +108,13 @@ def designs() -> list[Design]:
             Design("raw values (no normalisation)", replace(base, normalize=False)),
             Design("z-scores only, 256 samples/tree", fit(max_samples=256), ZOnly),
             Design("z-scores only, 1024 samples/tree", base, ZOnly),
-            Design("z + max|z|, 256 samples/tree", fit(max_samples=256)),
-            Design("z + max|z|, 1024 samples/tree (default)", base),
-            Design("z + max|z|, contamination 0.001", fit(contamination=0.001)),
-            Design("z + max|z|, contamination 0.005", fit(contamination=0.005)),
-            Design("z + max|z|, contamination 0.01", fit(contamination=0.01)),
-            Design("z + max|z|, half-life 50 events", replace(base, halflife_events=50.0)),
-            Design("z + max|z|, half-life 1000 events", replace(base, halflife_events=1000.0)),
+            Design("z + max abs z, 256 samples/tree", fit(max_samples=256)),
+            Design("z + max abs z, 1024 samples/tree (default)", base),
+            Design("z + max abs z, contamination 0.001", fit(contamination=0.001)),
+            Design("z + max abs z, contamination 0.005", fit(contamination=0.005)),
+            Design("z + max abs z, contamination 0.01", fit(contamination=0.01)),
+            Design("z + max abs z, half-life 50 events", replace(base, halflife_events=50.0)),
+            Design("z + max abs z, half-life 1000 events", replace(base, halflife_events=1000.0)),
         ]
         if not only or only in d.name
     ]
