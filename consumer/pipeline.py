@@ -119,11 +119,9 @@ class Work:
 
     def offsets(self) -> dict[TopicPartition, int]:
         """Per partition, the offset after the last record: what committing it means."""
-        offsets: dict[TopicPartition, int] = {}
-        for record in self.batch.records:
-            tp = tp_of(record)
-            offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
-        return offsets
+        # A partition's records arrive in offset order, so its last one is its highest.
+        last = {(r.topic, r.partition): r.offset for r in self.batch.records}
+        return {TopicPartition(t, p): offset + 1 for (t, p), offset in last.items()}
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -441,8 +439,7 @@ class Processor:
         m.events_scored.inc(len(verdict.scores))
         anomalous = np.flatnonzero(verdict.anomalous)
         m.anomalies_published.inc(len(anomalous))
-        for score in verdict.scores:
-            m.scores.observe(score)
+        m.scores.observe_many(verdict.scores)
         for i in anomalous:
             m.end_to_end_latency.observe(max(0.0, acked_at - work.prepared.events[i].ts))
         m.last_event_ts.set(max(e.ts for e in work.prepared.events))
