@@ -34,11 +34,14 @@ def say(message: str) -> None:
     print(f"demo: {message}", flush=True)
 
 
-def start_local_kafka() -> str:
+def start_local_kafka() -> tuple[str, bool]:
+    """The local broker's address, and whether this call started it (and so must stop
+    it): a broker someone else started is left running."""
+    running = subprocess.run([str(KAFKA_LOCAL), "status"], capture_output=True, check=False)
     done = subprocess.run([str(KAFKA_LOCAL), "start"], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"demo: could not start the local Kafka:\n{done.stdout}{done.stderr}")
-    return done.stdout.strip().splitlines()[-1]
+    return done.stdout.strip().splitlines()[-1], running.returncode != 0
 
 
 def spawn(name: str, *args: str) -> subprocess.Popen[bytes]:
@@ -104,9 +107,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=0, help="seconds; 0 runs until Ctrl-C")
     args = parser.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    started_broker = not bootstrap
+    started_broker = False
     if not bootstrap:
-        bootstrap = start_local_kafka()
+        bootstrap, started_broker = start_local_kafka()
     say(f"Kafka at {bootstrap}")
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
