@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ from consumer.kafka_io import (
 from consumer.metrics import DetectorMetrics
 from consumer.pipeline import Processor
 from consumer.scoring import ScoreLimits, Scorer, load_token
+from consumer.security import RedactSecrets, SecurityError, diagnose, explain, server_ssl_context
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,12 @@ class Service:
             token=load_token(config),
         )
         self.http = HttpServer(
-            config.metrics_host, config.metrics_port, registry, self.health, self.scorer
+            config.metrics_host,
+            config.metrics_port,
+            registry,
+            self.health,
+            self.scorer,
+            ssl_context=_metrics_ssl_context(config),
         )
         self._stack = AsyncExitStack()
 
@@ -119,12 +126,27 @@ class Service:
                 consumer,
                 [self.config.input_topic, self.config.output_topic, self.config.dlq_topic],
             )
-        except KafkaConnectionError as exc:
+        except SecurityError as exc:
             await self._stack.aclose()
-            raise StartupError(
-                f"cannot reach Kafka at {self.config.bootstrap_servers} "
-                f"(--bootstrap-servers): {exc}"
-            ) from None
+            raise StartupError(str(exc)) from None
+        except (KafkaError, OSError) as exc:
+            # aiokafka reports most failures to connect as KafkaConnectionError "Unable to
+            # bootstrap", whatever the reason: a connection made by hand tells which.
+            problem = explain(exc, self.config.security)
+            if problem is None and isinstance(exc, KafkaConnectionError):
+                with _quiet("aiokafka"):
+                    problem = await diagnose(self.config.bootstrap_servers, self.config.security)
+            await self._stack.aclose()
+            if problem is not None:
+                raise StartupError(
+                    f"cannot connect to Kafka at {self.config.bootstrap_servers}: {problem}"
+                ) from None
+            if isinstance(exc, KafkaConnectionError):
+                raise StartupError(
+                    f"cannot reach Kafka at {self.config.bootstrap_servers} "
+                    f"(--bootstrap-servers): {exc}"
+                ) from None
+            raise
         except BaseException:
             await self._stack.aclose()
             raise
@@ -213,6 +235,16 @@ def _quiet(name: str) -> Iterator[None]:
         log.setLevel(level)
 
 
+def _metrics_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The HTTP endpoint's TLS context (--metrics-certfile), or None for plain HTTP."""
+    if config.metrics_certfile is None or config.metrics_keyfile is None:
+        return None
+    try:
+        return server_ssl_context(config.metrics_certfile, config.metrics_keyfile)
+    except SecurityError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def _quiet_client_leftovers(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
     """aiokafka leaves internal futures failed with a Kafka error behind when a
     producer is fenced or the broker goes away; the service reports those errors
@@ -267,7 +299,8 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-def configure_logging(level: str, *, json: bool = False) -> None:
+def configure_logging(level: str, *, json: bool = False, secrets: Sequence[str] = ()) -> None:
+    """Log to stderr; ``secrets`` (and aiokafka's SASL login requests) never show."""
     handler = logging.StreamHandler(sys.stderr)
     if json:
         handler.setFormatter(_JsonFormatter())
@@ -275,6 +308,7 @@ def configure_logging(level: str, *, json: bool = False) -> None:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
+    handler.addFilter(RedactSecrets(secrets))
     handler.addFilter(_Throttle())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
@@ -306,7 +340,12 @@ class _Throttle(logging.Filter):
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(argv)
-    configure_logging(config.log_level, json=config.log_json)
+    try:
+        secrets = config.security.secrets()
+    except SecurityError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, json=config.log_json, secrets=secrets)
     try:
         asyncio.run(serve(config))
     except StartupError as exc:

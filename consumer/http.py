@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -96,11 +98,21 @@ class _Server(ThreadingHTTPServer):
     # Room for a burst of connections: the default of 5 makes clients wait a second.
     request_queue_size = 128
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that fails the TLS handshake (plain HTTP on the HTTPS port, a
+        # certificate it does not trust) is the client's problem, not a traceback.
+        error = sys.exc_info()[1]
+        if isinstance(error, ssl.SSLError | ConnectionError | TimeoutError):
+            logger.debug("http: connection from %s failed: %s", client_address, error)
+            return
+        super().handle_error(request, client_address)
+
 
 class HttpServer:
     """Serves the endpoints from a daemon thread; ``start``/``stop`` are idempotent.
 
-    Without a ``scorer``, ``/score`` does not exist (404).
+    Without a ``scorer``, ``/score`` does not exist (404). With an ``ssl_context``
+    (a TLS server context), it serves HTTPS only.
     """
 
     def __init__(
@@ -110,12 +122,15 @@ class HttpServer:
         registry: CollectorRegistry,
         health: Health,
         scorer: ScoreEndpoint | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.registry = registry
         self.health = health
         self.scorer = scorer
+        self.ssl_context = ssl_context
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -130,9 +145,16 @@ class HttpServer:
             return
         handler = _make_handler(self.registry, self.health, self.scorer)
         self._server = _Server((self.host, self.requested_port), handler)
+        if self.ssl_context is not None:
+            # The handshake happens at the connection's first read, in its own thread and
+            # under the handler's timeout: a client that stalls it holds up no one else.
+            self._server.socket = self.ssl_context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
         self._thread.start()
-        logger.info("HTTP endpoint on http://%s:%d/", self.host, self.port)
+        scheme = "https" if self.ssl_context is not None else "http"
+        logger.info("HTTP endpoint on %s://%s:%d/", scheme, self.host, self.port)
 
     def stop(self) -> None:
         if self._server is None:

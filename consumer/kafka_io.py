@@ -81,7 +81,11 @@ def transactional_id(config: Config) -> str:
 
 
 def consumer_for(config: Config, **overrides: Any) -> AIOKafkaConsumer:
-    """A consumer that never commits on its own: offsets are committed after publishing."""
+    """A consumer that never commits on its own: offsets are committed after publishing.
+
+    It connects as ``config.security`` says (TLS, SASL); a file those settings name
+    that cannot be read raises ``consumer.security.SecurityError``.
+    """
     settings: dict[str, Any] = {
         "bootstrap_servers": config.bootstrap_servers,
         "group_id": config.group_id,
@@ -96,6 +100,7 @@ def consumer_for(config: Config, **overrides: Any) -> AIOKafkaConsumer:
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
         # Exactly-once: never read what an aborted transaction wrote upstream.
         "isolation_level": "read_committed" if exactly_once(config) else "read_uncommitted",
+        **config.security.client_kwargs(),
         **overrides,
     }
     return AIOKafkaConsumer(**settings)
@@ -114,6 +119,7 @@ def producer_for(config: Config, **overrides: Any) -> AIOKafkaProducer:
         # loop (and its log line and error counter) reports the problem sooner.
         "request_timeout_ms": 15_000,
         "transactional_id": transactional_id(config) if exactly_once(config) else None,
+        **config.security.client_kwargs(),
         **overrides,
     }
     return AIOKafkaProducer(**settings)

@@ -52,8 +52,13 @@ def parse_options(
     env_prefix: str,
     description: str,
     environ: Mapping[str, str] | None = None,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> dict[str, Any]:
-    """Parse flags, fall back to environment variables, then to defaults."""
+    """Parse flags, fall back to environment variables, then to defaults.
+
+    ``arguments`` may add plain argparse arguments (positionals, say): their values are
+    in the result too, under their ``dest``, and have no environment variable.
+    """
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -70,8 +75,11 @@ def parse_options(
             metavar=opt.dest.upper(),
             help=f"{opt.help} [env {opt.env(env_prefix)}, default: {shown}]",
         )
+    if arguments is not None:
+        arguments(parser)
     namespace = parser.parse_args(argv)
-    values: dict[str, Any] = {}
+    dests = {opt.dest for opt in options}
+    values: dict[str, Any] = {k: v for k, v in vars(namespace).items() if k not in dests}
     for opt in options:
         raw = getattr(namespace, opt.dest)
         origin = opt.flag

@@ -2,6 +2,9 @@
 
     python -m consumer.topics --bootstrap-servers localhost:9092 --partitions 8 \\
         metrics anomalies metrics.dlq
+
+It connects as the detector does: the same options (and ``ANOMALY_*`` variables) for
+the bootstrap servers, TLS and SASL.
 """
 
 from __future__ import annotations
@@ -13,7 +16,18 @@ import sys
 from collections.abc import Sequence
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from consumer.options import Option, OptionError, fail, integer, parse_options, text
+from consumer.security import SECURITY_OPTIONS, KafkaSecurity, diagnose, explain
+
+PROG = "python -m consumer.topics"
+OPTIONS: tuple[Option, ...] = (
+    Option("--bootstrap-servers", text, "localhost:9092", "Kafka bootstrap servers"),
+    Option("--partitions", integer(minimum=1), 1, "partitions of each topic created"),
+    Option("--replication-factor", integer(minimum=1), 1, "replicas of each topic created"),
+    *SECURITY_OPTIONS,
+)
 
 
 async def ensure_topics(
@@ -22,9 +36,13 @@ async def ensure_topics(
     *,
     partitions: int = 1,
     replication_factor: int = 1,
+    security: KafkaSecurity | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="topics")
+    security = security or KafkaSecurity()
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, client_id="topics", **security.client_kwargs()
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -40,26 +58,47 @@ async def ensure_topics(
         await admin.close()
 
 
+def _names(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="+", help="topics to create")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m consumer.topics", description=__doc__)
-    parser.add_argument("--bootstrap-servers", default="localhost:9092")
-    parser.add_argument("--partitions", type=int, default=1)
-    parser.add_argument("--replication-factor", type=int, default=1)
-    parser.add_argument("names", nargs="+")
-    args = parser.parse_args(argv)
+    values = parse_options(
+        OPTIONS,
+        argv,
+        prog=PROG,
+        env_prefix="ANOMALY_",
+        description=__doc__ or "",
+        arguments=_names,
+    )
+    try:
+        security = KafkaSecurity.from_options(values)
+        security.check()
+    except OptionError as exc:
+        fail(PROG, str(exc))
+    servers = values["bootstrap_servers"]
     try:
         created = asyncio.run(
             ensure_topics(
-                args.bootstrap_servers,
-                args.names,
-                partitions=args.partitions,
-                replication_factor=args.replication_factor,
+                servers,
+                values["names"],
+                partitions=values["partitions"],
+                replication_factor=values["replication_factor"],
+                security=security,
             )
         )
     except KafkaError as exc:
-        print(f"topics: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        problem = explain(exc, security)
+        if problem is None and isinstance(exc, KafkaConnectionError):
+            problem = asyncio.run(diagnose(servers, security))
+        if problem is not None:
+            print(
+                f"topics: error: cannot connect to Kafka at {servers}: {problem}", file=sys.stderr
+            )
+        else:
+            print(f"topics: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    for name in args.names:
+    for name in values["names"]:
         print(f"{name}: {'created' if name in created else 'exists'}")
     return 0
 

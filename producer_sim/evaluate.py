@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -18,7 +18,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from producer_sim.errors import describe
+from consumer.security import KafkaSecurity, SecurityError
+from producer_sim.errors import cannot_connect, describe
 from producer_sim.generator import HEADER_ANOMALY, HEADER_EPISODE
 from producer_sim.report import Detection, RecordKey, Report, Truth, build_report
 
@@ -37,6 +38,7 @@ class EvaluateConfig:
     input_topic: str = "metrics"
     anomalies_topic: str = "anomalies"
     timeout_seconds: float = 30.0  # the longest wait for records before the end offsets
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS and SASL
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,11 @@ class Evaluation:
 
 async def evaluate(config: EvaluateConfig) -> Evaluation:
     """Read both topics whole and score the detections against the truth headers."""
-    await _check_topics(config)
+    try:
+        security = config.security.client_kwargs()
+    except SecurityError as exc:
+        raise EvaluateError(str(exc)) from None
+    await _check_topics(config, security)
     topics = (config.input_topic, config.anomalies_topic)
     # Without a group, the consumer is assigned every partition of both topics itself.
     consumer = AIOKafkaConsumer(
@@ -76,6 +82,7 @@ async def evaluate(config: EvaluateConfig) -> Evaluation:
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        **security,
     )
     truth = _TruthReader()
     detections = _DetectionReader(config.input_topic)
@@ -99,20 +106,20 @@ async def evaluate(config: EvaluateConfig) -> Evaluation:
     )
 
 
-async def _check_topics(config: EvaluateConfig) -> None:
+async def _check_topics(config: EvaluateConfig, security: dict[str, Any]) -> None:
     """Name a missing topic at once (a consumer would wait 40 s for it to appear)."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=config.bootstrap_servers, client_id="producer-sim-evaluate"
+        bootstrap_servers=config.bootstrap_servers, client_id="producer-sim-evaluate", **security
     )
     try:
-        await admin.start()
-        existing = set(await admin.list_topics())
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+        finally:
+            await admin.close()
     except KafkaError as exc:
-        raise EvaluateError(
-            f"cannot reach Kafka at {config.bootstrap_servers}: {describe(exc)}"
-        ) from None
-    finally:
-        await admin.close()
+        message = await cannot_connect(exc, config.bootstrap_servers, config.security)
+        raise EvaluateError(message) from None
     missing = [t for t in (config.input_topic, config.anomalies_topic) if t not in existing]
     if missing:
         raise EvaluateError(

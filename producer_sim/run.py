@@ -31,7 +31,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from producer_sim.errors import describe
+from consumer.security import KafkaSecurity, SecurityError
+from producer_sim.errors import cannot_connect, describe
 from producer_sim.generator import SimConfig, SimEvent, Simulator, encode
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class RunConfig:
     count: int = 0  # total events; 0: no limit
     metrics_port: int = 0  # 0: no metrics endpoint
     progress: bool = False  # a progress line on stderr, refreshed every second
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS and SASL
 
 
 class SimMetrics:
@@ -157,6 +159,10 @@ async def run(
     """
     stop = stop or asyncio.Event()
     progress = (progress_stream or sys.stderr) if config.progress else None
+    try:
+        security = config.security.client_kwargs()
+    except SecurityError as exc:
+        raise RunError(str(exc)) from None
     producer = AIOKafkaProducer(
         bootstrap_servers=config.bootstrap_servers,
         client_id="producer-sim",
@@ -164,6 +170,7 @@ async def run(
         linger_ms=10,
         compression_type=None,
         max_batch_size=RECORD_BATCH_BYTES,
+        **security,
     )
     server = None
     try:
@@ -171,9 +178,8 @@ async def run(
             await producer.start()
             cluster = await producer.client.fetch_all_metadata()
         except KafkaError as exc:
-            raise RunError(
-                f"cannot reach Kafka at {config.bootstrap_servers}: {describe(exc)}"
-            ) from None
+            message = await cannot_connect(exc, config.bootstrap_servers, config.security)
+            raise RunError(message) from None
         partitions = sorted(cluster.partitions_for_topic(config.topic) or ())
         if not partitions:
             raise RunError(
