@@ -1,11 +1,15 @@
 """The stream loop: consume, window, score, publish, and only then commit.
 
-One task runs the loop and holds ``lock`` while it turns a closed window into
-published records and a commit; the rebalance listener takes the same lock, so a
-revocation waits for the batch in flight to be finished and committed, and drops
-whatever of the revoked partitions is not yet processed (uncommitted, so the new owner
-reads it again). Offsets are committed only after the broker acknowledged every
-anomaly and dead-letter copy that the committed records produced.
+One task runs the loop: it fetches, fills the open window and parses each closed one.
+A parsed batch is then finished (scored, published, committed) by a task of its own,
+so the loop fetches and parses the next window meanwhile; at most one batch is in
+flight, and each starts only once the one before it is committed, so batches finish
+in order. The rebalance listener takes ``lock``, which the loop holds while it turns
+fetched records into batches, and waits for the batch in flight: a revocation lets
+that batch be finished and committed, and drops whatever of the revoked partitions is
+not yet processed (uncommitted, so the new owner reads it again). Offsets are committed
+only after the broker acknowledged every anomaly and dead-letter copy that the
+committed records produced.
 """
 
 from __future__ import annotations
@@ -192,6 +196,7 @@ class Processor:
         self._stop_wait: asyncio.Task[bool] | None = None
         self._stopped_at: float | None = None
         self._fit_task: asyncio.Task[None] | None = None
+        self._in_flight: asyncio.Task[Verdict | None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -215,6 +220,10 @@ class Processor:
         finally:
             stop_wait.cancel()
             await self._cancel_fit()
+            if self._in_flight is not None:
+                # Only on an error: the normal way out settled it. Uncommitted is safe.
+                self._in_flight.cancel()
+                await asyncio.gather(self._in_flight, return_exceptions=True)
 
     def _keep_retrying(self) -> bool:
         # Publishing is retried for as long as it takes, except when stopping: then the
@@ -261,12 +270,19 @@ class Processor:
             await self._handle(batch, now)
         self._maybe_refit(now)
 
+    async def _settle(self) -> None:
+        """Wait until the batch in flight is committed (its errors surface here)."""
+        task, self._in_flight = self._in_flight, None
+        if task is not None:
+            await task
+
     async def _shutdown(self) -> None:
         async with self.lock:
             now = self.clock()
             batch = self.windows.flush(now)
             if batch is not None:
                 await self._handle(batch, now)
+            await self._settle()
             if self.held and self._fit_task is not None:
                 # The first model is on its way: a short wait saves re-reading the held events.
                 await asyncio.wait({self._fit_task}, timeout=30)
@@ -284,6 +300,7 @@ class Processor:
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:
+            await self._settle()
             dropped = self.windows.drop(lambda r: tp_of(r) in revoked)
             kept = [w.without(revoked) for w in self.held]
             dropped += sum(w.records for w in self.held) - sum(w.records for w in kept if w)
@@ -317,6 +334,9 @@ class Processor:
                 event_records.append(record)
             else:
                 invalid.append((record, result))
+        # The batch before this one learns when it is scored: let it, so that this one
+        # is judged against statistics that include it.
+        await self._settle()
         prepared = None
         if events:
             if self.detector is None:
@@ -333,10 +353,11 @@ class Processor:
             self.held.append(work)
             self._update_held_metric()
             return
-        await self._finish(work)
+        self._in_flight = asyncio.create_task(self._finish(work))
 
     async def _drain_held(self) -> None:
         assert self.detector is not None
+        await self._settle()
         judged: list[tuple[Prepared, BoolArray]] = []
         while self.held:
             work = self.held.popleft()
