@@ -256,6 +256,15 @@ class DetectorProcess:
         except OSError:
             return None
 
+    async def wait_assigned(self) -> None:
+        """Until the process owns partitions: started, connected, in its group."""
+
+        async def assigned() -> bool:
+            owned = self.metric("anomaly_detector_assigned_partitions")
+            return owned is not None and owned > 0
+
+        await eventually(assigned, timeout_seconds=90, what=f"{self.log_path.stem} to be assigned")
+
     def stop_if_running(self) -> None:
         if self.alive:
             self.kill()

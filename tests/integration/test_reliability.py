@@ -132,6 +132,9 @@ async def test_kill_9_mid_stream_then_restart_loses_nothing(
     records = stream_records(8000)
     first = detector(tmp_path, "first", kafka, topics, group).start()
     try:
+        # The stream starts once the detector is in its group, so that it is still
+        # flowing when the detector is stopped, however slowly the process started.
+        await first.wait_assigned()
         producing = asyncio.create_task(stream(kafka.bootstrap_servers, topics[0], records, 1000))
 
         async def a_third_committed() -> bool:
@@ -174,6 +177,9 @@ async def test_sigterm_mid_stream_then_restart_has_no_duplicates_and_no_losses(
     records = stream_records(8000, seed=3)
     first = detector(tmp_path, "first", kafka, topics, group).start()
     try:
+        # The stream starts once the detector is in its group, so that it is still
+        # flowing when the detector is stopped, however slowly the process started.
+        await first.wait_assigned()
         producing = asyncio.create_task(stream(kafka.bootstrap_servers, topics[0], records, 1000))
 
         async def a_third_committed() -> bool:
@@ -211,6 +217,7 @@ async def test_rebalances_as_members_join_and_die_lose_nothing(
     b = detector(tmp_path, "b", kafka, topics, group).start()
     c = detector(tmp_path, "c", kafka, topics, group)
     try:
+        await a.wait_assigned()
         producing = asyncio.create_task(stream(kafka.bootstrap_servers, topics[0], records, 1000))
 
         async def both_assigned() -> bool:

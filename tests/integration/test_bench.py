@@ -1,0 +1,100 @@
+"""The benchmark harness end to end, in its quick variant, against the test broker.
+
+It checks that every section is measured and that the values are sane (positive
+rates, ratios in [0, 1], ordered percentiles); it asserts no timing target, which is
+the benchmark's job on a quiet machine, not a test's. River is optional: without it
+the HalfSpaceTrees row must say so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import ROOT, Broker
+
+SECTIONS = ("drain", "detector", "naive", "river", "exactly_once", "latency", "memory")
+
+
+def _rate(section: dict[str, Any]) -> None:
+    assert section["events_per_second"] > 0
+    assert section["seconds"] > 0
+
+
+def _quality(section: dict[str, Any]) -> None:
+    q = section["quality"]
+    assert q["events"] > 0
+    assert q["anomalous_events"] > 0
+    for key in ("precision", "event_recall", "episode_recall"):
+        # None only when there is nothing to divide by (no detection at all).
+        assert q[key] is None or 0.0 <= q[key] <= 1.0, (key, q[key])
+
+
+def _ordered(p: dict[str, Any]) -> None:
+    assert p["p50"] is not None
+    assert 0.0 <= p["p50"] <= p["p95"] <= p["p99"] <= p["max"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_quick_bench_measures_every_section(kafka: Broker, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run", "--quick",
+            "--bootstrap-servers", kafka.bootstrap_servers,
+            "--json", str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=380,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = orjson.loads(out.read_bytes())
+    for name in SECTIONS:
+        assert name in results, name
+        assert "error" not in results[name], results[name]
+
+    events = results["meta"]["events"]
+    for kind in ("raw", "orjson"):
+        _rate(results["drain"][kind])
+        assert results["drain"][kind]["events"] == events
+    for name in ("detector", "exactly_once", "naive"):
+        _rate(results[name])
+        assert results[name]["events"] == events
+        _quality(results[name])
+    assert results["detector"]["scored"] == events
+    assert results["exactly_once"]["ratio_to_at_least_once"] > 0
+    if importlib.util.find_spec("river") is None:
+        assert results["river"]["status"].startswith("not installed")
+    else:
+        _rate(results["river"])
+        _quality(results["river"])
+
+    latency = results["latency"]
+    assert latency["rate_achieved"] > 0
+    assert latency["anomalies_measured"] > 0
+    _ordered(latency["latency_seconds"])
+    _ordered(latency["latency_detected_at_seconds"])
+    _ordered(latency["loop_lag_seconds"])
+    assert latency["refits_completed"] >= 1
+
+    memory = results["memory"]
+    assert memory["samples"] > 5
+    assert memory["rss_peak_bytes"] >= memory["rss_steady_bytes"] > 0
+    assert memory["growth_mark_to_end"] is not None
+
+    results_by_goal = [t["result"] for t in results["targets"]]
+    assert len(results_by_goal) == 6
+    # Every target is judged; only the refit lag may lack samples in so short a run.
+    lag_target = 4
+    assert all(r in {"PASS", "MISS"} for i, r in enumerate(results_by_goal) if i != lag_target)
+    assert "PASS" in done.stdout or "MISS" in done.stdout
