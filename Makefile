@@ -41,6 +41,10 @@ integration: venv test-tools
 demo: venv
 	$(BIN)/python scripts/demo.py --duration $(DURATION)
 
+bench: venv
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.run
+
 kafka-start:
 	$(KAFKA) start
 

@@ -25,19 +25,23 @@ TEST_PORT = os.environ.get("KAFKA_TEST_PORT", "39092")
 class Broker:
     """How tests reach the broker, and how they can stop and start it (local only)."""
 
-    def __init__(self, bootstrap_servers: str, port: str | None) -> None:
+    def __init__(
+        self, bootstrap_servers: str, port: str | None, env: dict[str, str] | None = None
+    ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.port = port
+        # Extra kafka-local settings (listeners, start timeout) for this broker.
+        self.env = env or {}
 
     @property
     def managed(self) -> bool:
         return self.port is not None
 
-    def script(self, command: str, timeout: float = 180) -> str:
+    def script(self, command: str, timeout: float = 300) -> str:
         assert self.port is not None, "an external broker cannot be driven by the tests"
         done = subprocess.run(
             [str(KAFKA_LOCAL), command],
-            env={**os.environ, "KAFKA_LOCAL_PORT": self.port},
+            env={**os.environ, **self.env, "KAFKA_LOCAL_PORT": self.port},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -52,7 +56,12 @@ class Broker:
             return "(external broker: no logs here)"
         done = subprocess.run(
             [str(KAFKA_LOCAL), "logs"],
-            env={**os.environ, "KAFKA_LOCAL_PORT": self.port, "KAFKA_LOCAL_LOG_LINES": str(lines)},
+            env={
+                **os.environ,
+                **self.env,
+                "KAFKA_LOCAL_PORT": self.port,
+                "KAFKA_LOCAL_LOG_LINES": str(lines),
+            },
             capture_output=True,
             text=True,
             check=False,

@@ -94,8 +94,12 @@ async def drain(bootstrap: str, topic: str, isolation_level: str = "read_uncommi
         await consumer.stop()
 
 
-async def partitions_of(bootstrap: str, topic: str) -> list[TopicPartition]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+# The offset helpers take the clients' security settings as `client` keyword arguments
+# (KafkaSecurity.client_kwargs()), so the security tests use them over TLS and SASL.
+
+
+async def partitions_of(bootstrap: str, topic: str, **client: Any) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client)
     await admin.start()
     try:
         (described,) = await admin.describe_topics([topic])
@@ -104,9 +108,9 @@ async def partitions_of(bootstrap: str, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
 
 
-async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+async def committed(bootstrap: str, group: str, topic: str, **client: Any) -> dict[int, int]:
     """The group's committed offsets on a topic (none yet: empty)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client)
     await admin.start()
     try:
         for _ in range(50):
@@ -125,9 +129,10 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    partitions = await partitions_of(bootstrap, topic)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+async def end_offsets(bootstrap: str, topic: str, **client: Any) -> dict[int, int]:
+    """A topic's end offsets, for the partitions that hold records."""
+    partitions = await partitions_of(bootstrap, topic, **client)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client)
     await consumer.start()
     try:
         ends = await consumer.end_offsets(partitions)
@@ -149,17 +154,19 @@ async def eventually(
 
 
 async def wait_all_committed(
-    bootstrap: str, group: str, topic: str, timeout_seconds: float = 90
-) -> None:
-    target = await end_offsets(bootstrap, topic)
+    bootstrap: str, group: str, topic: str, timeout_seconds: float = 90, **client: Any
+) -> dict[int, int]:
+    """Wait until the group committed every record of the topic; return the offsets."""
+    target = await end_offsets(bootstrap, topic, **client)
 
     async def done() -> bool:
-        got = await committed(bootstrap, group, topic)
+        got = await committed(bootstrap, group, topic, **client)
         return all(got.get(p, -1) >= off for p, off in target.items())
 
     await eventually(
         done, timeout_seconds=timeout_seconds, what=f"group {group} to commit {target}"
     )
+    return target
 
 
 class Running:

@@ -8,19 +8,13 @@ with a password), and a second CA that signed nothing the broker uses.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
-
 from consumer.security import KafkaSecurity
-from tests.conftest import KAFKA_LOCAL
-from tests.integration.helpers import eventually
+from tests.conftest import Broker
+from tests.integration import helpers
 
 DAYS = "2"
 CLIENT_KEY_PASSWORD = "client-key-secret"
@@ -104,43 +98,29 @@ def make_pki(directory: Path) -> Pki:
     return Pki(directory, ca[0], other_ca, broker, client_cert, client_key, password_file)
 
 
-class SecureBroker:
+class SecureBroker(Broker):
     """kafka-local with a PLAINTEXT, a SASL_SSL and an SSL (mutual TLS) listener."""
 
     def __init__(
         self, pki: Pki, port: int, sasl_ssl_port: int, ssl_port: int, users: dict[str, str]
     ) -> None:
+        super().__init__(
+            f"127.0.0.1:{port}",
+            str(port),
+            env={
+                # A loaded machine (other brokers, other test runs) starts a JVM slowly.
+                "KAFKA_LOCAL_START_TIMEOUT": "180",
+                "KAFKA_LOCAL_SASL_SSL_PORT": str(sasl_ssl_port),
+                "KAFKA_LOCAL_SSL_PORT": str(ssl_port),
+                "KAFKA_LOCAL_TLS_DIR": str(pki.directory),
+                "KAFKA_LOCAL_SASL_USERS": ",".join(f"{u}:{p}" for u, p in users.items()),
+            },
+        )
         self.pki = pki
-        self.port = port
-        self.sasl_ssl_port = sasl_ssl_port
-        self.ssl_port = ssl_port
         self.users = users
-        self.plaintext = f"127.0.0.1:{port}"
+        self.plaintext = self.bootstrap_servers
         self.sasl_ssl = f"127.0.0.1:{sasl_ssl_port}"
         self.ssl = f"127.0.0.1:{ssl_port}"
-
-    def script(self, command: str, timeout: float = 300) -> str:
-        env = {
-            **os.environ,
-            # A loaded machine (other brokers, other test runs) starts a JVM slowly.
-            "KAFKA_LOCAL_START_TIMEOUT": "180",
-            "KAFKA_LOCAL_PORT": str(self.port),
-            "KAFKA_LOCAL_SASL_SSL_PORT": str(self.sasl_ssl_port),
-            "KAFKA_LOCAL_SSL_PORT": str(self.ssl_port),
-            "KAFKA_LOCAL_TLS_DIR": str(self.pki.directory),
-            "KAFKA_LOCAL_SASL_USERS": ",".join(f"{u}:{p}" for u, p in self.users.items()),
-        }
-        done = subprocess.run(
-            [str(KAFKA_LOCAL), command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"kafka-local {command} failed:\n{done.stdout}\n{done.stderr}")
-        return done.stdout
 
 
 # --- the broker's view, through a secured listener
@@ -148,52 +128,15 @@ class SecureBroker:
 
 async def end_offsets(bootstrap: str, topic: str, security: KafkaSecurity) -> dict[int, int]:
     """A topic's end offsets (partitions holding records only), read over ``security``."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=None, **security.client_kwargs()
-    )
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(list(consumer.assignment()))
-    finally:
-        await consumer.stop()
-    return {tp.partition: off for tp, off in ends.items() if off > 0}
-
-
-async def committed(
-    bootstrap: str, group: str, topic: str, security: KafkaSecurity
-) -> dict[int, int]:
-    """The group's committed offsets on a topic, asked by an admin client over ``security``."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security.client_kwargs())
-    await admin.start()
-    try:
-        for _ in range(50):
-            try:
-                offsets = await admin.list_consumer_group_offsets(group)
-                break
-            except KafkaError as exc:
-                # Right after the broker starts, the group coordinator is still loading.
-                if not exc.retriable:
-                    raise
-                await asyncio.sleep(0.2)
-        else:
-            raise AssertionError(f"the coordinator of group {group} never became available")
-    finally:
-        await admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+    return await helpers.end_offsets(bootstrap, topic, **security.client_kwargs())
 
 
 async def wait_all_committed(
     bootstrap: str, group: str, topic: str, security: KafkaSecurity, timeout_seconds: float = 90
 ) -> dict[int, int]:
     """Wait until the group committed every record of the topic; return the offsets."""
-    target = await end_offsets(bootstrap, topic, security)
-    assert target, f"{topic} holds no records"
-
-    async def done() -> bool:
-        got = await committed(bootstrap, group, topic, security)
-        return all(got.get(p, -1) >= off for p, off in target.items())
-
-    await eventually(
-        done, timeout_seconds=timeout_seconds, what=f"group {group} to commit {target}"
+    target = await helpers.wait_all_committed(
+        bootstrap, group, topic, timeout_seconds, **security.client_kwargs()
     )
+    assert target, f"{topic} holds no records"
     return target

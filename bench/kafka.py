@@ -1,0 +1,224 @@
+"""The broker side of the benchmark: the local Kafka, topics, filling and reading them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from bench.stream import Record, Stream, encoded
+from consumer.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
+# A port of the benchmark's own: never a demo's (9092) or the tests' (39092) broker.
+BENCH_PORT = "39692"
+RECORD_BATCH_BYTES = 128 * 1024
+_SEND_CHUNK = 2000
+
+
+class LocalKafka:
+    """``scripts/kafka-local`` on the benchmark's port; stopped at the end only if
+    this run started it."""
+
+    def __init__(self, port: str = BENCH_PORT) -> None:
+        self.port = port
+        self.started = False
+
+    def _script(self, command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(KAFKA_LOCAL), command],
+            env={**os.environ, "KAFKA_LOCAL_PORT": self.port},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    def start(self) -> str:
+        if self._script("status").returncode != 0:
+            done = self._script("start")
+            if done.returncode != 0:
+                raise RuntimeError(f"kafka-local start failed:\n{done.stdout}{done.stderr}")
+            self.started = True
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.started:
+            self._script("stop")
+            self.started = False
+
+
+async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
+    """Create the topics and wait until the broker's metadata shows each with leaders
+    (a client asking right after the creation may not see them yet)."""
+    await ensure_topics(bootstrap, names, partitions=partitions)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench")
+    await admin.start()
+    try:
+        for _ in range(100):
+            described = await admin.describe_topics(names)
+            if all(
+                t["error_code"] == 0
+                and len(t["partitions"]) == partitions
+                and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in described
+            ):
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"topics {names} did not become available")
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        doomed = [n for n in names if n in existing]
+        if doomed:
+            with contextlib.suppress(KafkaError):
+                await admin.delete_topics(doomed)
+    finally:
+        await admin.close()
+
+
+class BatchSender:
+    """Hands records over as one record batch per partition (``send_batch``), with one
+    batch of futures in flight while the next is built, as producer_sim does."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: list[int]) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partitions = partitions
+        self._partitioner = DefaultPartitioner()
+        self._partition_of: dict[bytes, int] = {}
+        self._in_flight: list[asyncio.Future[Any]] = []
+
+    @classmethod
+    async def open(cls, bootstrap: str, topic: str, client_id: str) -> BatchSender:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            acks="all",
+            linger_ms=10,
+            max_batch_size=RECORD_BATCH_BYTES,
+        )
+        await producer.start()
+        try:
+            partitions = sorted(await producer.partitions_for(topic))
+        except BaseException:
+            await producer.stop()
+            raise
+        return cls(producer, topic, partitions)
+
+    def _partition(self, key: bytes) -> int:
+        partition = self._partition_of.get(key)
+        if partition is None:
+            partition = self._partitioner(key, self.partitions, self.partitions)
+            self._partition_of[key] = partition
+        return partition
+
+    async def send(self, records: list[Record]) -> None:
+        producer, topic = self.producer, self.topic
+        builders: dict[int, Any] = {}
+        futures: list[asyncio.Future[Any]] = []
+        for key, value, headers in records:
+            partition = self._partition(key)
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                futures.append(await producer.send_batch(builder, topic, partition=partition))
+                builder = builders[partition] = producer.create_batch()
+                builder.append(key=key, value=value, timestamp=None, headers=headers)
+        for partition, builder in builders.items():
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+        await self.flush()
+        self._in_flight = futures
+
+    async def flush(self) -> None:
+        in_flight, self._in_flight = self._in_flight, []
+        await asyncio.gather(*in_flight)
+
+    async def close(self) -> None:
+        try:
+            await self.flush()
+        finally:
+            await self.producer.stop()
+
+
+async def prefill(bootstrap: str, topic: str, stream: Stream, count: int) -> float:
+    """Send the stream's next ``count`` events as fast as possible; returns seconds."""
+    started = time.perf_counter()
+    sender = await BatchSender.open(bootstrap, topic, "bench-prefill")
+    try:
+        sent = 0
+        while sent < count:
+            n = min(_SEND_CHUNK, count - sent)
+            await sender.send(encoded(stream.take(n)))
+            sent += n
+    finally:
+        await sender.close()
+    return time.perf_counter() - started
+
+
+async def partitions_of(bootstrap: str, topic: str) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench")
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+
+
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    handle: Callable[[Any], None],
+    *,
+    isolation_level: str = "read_uncommitted",
+) -> int:
+    """Feed every record of a topic, up to its end offsets as of now, to ``handle``."""
+    partitions = await partitions_of(bootstrap, topic)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id="bench-reader",
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level=isolation_level,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    count = 0
+    try:
+        consumer.assign(partitions)
+        end = await consumer.end_offsets(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        pending = {tp for tp in partitions if end[tp] > 0}
+        while pending:
+            batches = await consumer.getmany(*pending, timeout_ms=500)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset < end[tp]:
+                        handle(record)
+                        count += 1
+            for tp in list(pending):
+                if await consumer.position(tp) >= end[tp]:
+                    pending.discard(tp)
+    finally:
+        await consumer.stop()
+    return count
