@@ -162,9 +162,10 @@ class Publisher:
         pending = list(messages)
         backoff = 0.1
         while pending:
-            results = await asyncio.gather(
-                *(self._send(m) for m in pending), return_exceptions=True
-            )
+            # Hand the sends over one after another and only then wait for the acks:
+            # one waiting coroutine per message would all wake at every full batch.
+            futures = [await self._enqueue(m) for m in pending]
+            results = await asyncio.gather(*futures, return_exceptions=True)
             failed: list[Message] = []
             for message, result in zip(pending, results, strict=True):
                 if isinstance(result, MessageSizeTooLargeError) and message.value:
@@ -190,11 +191,16 @@ class Publisher:
             pending = failed
         return True
 
-    async def _send(self, message: Message) -> Any:
-        future = await self.producer.send(
-            message.topic, message.value, key=message.key, headers=message.headers
-        )
-        return await future
+    async def _enqueue(self, message: Message) -> asyncio.Future[Any]:
+        """The record's delivery future; a send refused at once is a failed future."""
+        try:
+            future: asyncio.Future[Any] = await self.producer.send(
+                message.topic, message.value, key=message.key, headers=message.headers
+            )
+        except (TimeoutError, KafkaError, OSError) as exc:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        return future
 
 
 class AtLeastOnce:
