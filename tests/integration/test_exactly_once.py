@@ -22,6 +22,7 @@ from tests.integration.test_reliability import (
     account,
     committed_total,
     detector,
+    interrupt_and_restart,
     stream,
     stream_records,
     topics_for,
@@ -57,26 +58,14 @@ async def test_at_least_once_publishes_a_batch_again_after_a_crash(
 ) -> None:
     topics = await topics_for(new_topic, 2)
     group = unique("group")
-    records = stream_records(6000, seed=21)
-    first = detector(tmp_path, "first", kafka, topics, group).start()
-    try:
-        await first.wait_assigned()
-        producing = asyncio.create_task(stream(kafka.bootstrap_servers, topics[0], records, 1000))
 
-        async def started() -> bool:
-            return await committed_total(kafka, group, topics[0]) > 0
+    async def kill_mid_batch(proc: DetectorProcess) -> None:
+        assert await kill_between_publish_and_commit(proc, kafka, topics, group)
 
-        await eventually(started, what="the first commit")
-        assert await kill_between_publish_and_commit(first, kafka, topics, group)
-        positions = await producing
-        second = detector(tmp_path, "second", kafka, topics, group).start()
-        try:
-            await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
-            assert second.terminate() == 0
-        finally:
-            second.stop_if_running()
-    finally:
-        first.stop_if_running()
+    positions, _ = await interrupt_and_restart(
+        kafka, tmp_path, topics, group, stream_records(6000, seed=21),
+        after_committed=1, interrupt=kill_mid_batch,
+    )  # fmt: skip
     result = await account(kafka.bootstrap_servers, topics, positions)
     assert result.lost == set()
     assert result.duplicates > 0
