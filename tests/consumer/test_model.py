@@ -19,6 +19,23 @@ def test_scores_are_in_unit_range_and_outliers_score_higher() -> None:
     assert scores[-1] > model.threshold > np.median(scores[:-1])
 
 
+@pytest.mark.parametrize(
+    ("train_rows", "max_samples"),
+    [
+        (2000, 256),  # the usual case: subsampled trees of depth up to log2(256)
+        (300, 1024),  # fewer rows than max_samples: each tree gets them all
+        (3, 1024),  # leaves with 1 and 2 training rows, where c(n) is special-cased
+        (1, 1024),  # a single row: the average path of max_samples_ is 0
+    ],
+)
+def test_scores_equal_sklearns_score_samples(train_rows: int, max_samples: int) -> None:
+    model = fit_model(
+        normal(train_rows), FitParams(max_samples=max_samples, seed=1), version=1, fitted_at=0.0
+    )
+    probe = np.vstack([normal(500, seed=2), [[8.0, -8.0, 0.0]], [[1e3, 1e3, 1e3]]])
+    np.testing.assert_allclose(model.score(probe), -model.forest.score_samples(probe), rtol=1e-12)
+
+
 def test_contamination_sets_the_threshold_from_the_training_scores() -> None:
     train = normal(4000)
     model = fit_model(train, FitParams(contamination=0.02, seed=1), version=1, fitted_at=0.0)
