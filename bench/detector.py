@@ -54,15 +54,8 @@ def warm_detector(
     detector = Detector(len(parser.features), settings)
 
     def fit() -> None:
-        # Typed loosely on purpose: the training set's shape is changing in consumer/
-        # (a (rows, version) tuple, or a TrainingSet that fits itself).
-        training: Any = detector.training_set(time.time())
-        if isinstance(training, tuple):
-            rows, version = training
-            model = fit_model(rows, settings.fit, version=version, fitted_at=time.time())
-        else:
-            model = training.fit(settings.fit, time.time())
-        detector.install(model)
+        rows, version = detector.training_set(time.time())
+        detector.install(fit_model(rows, settings.fit, version=version, fitted_at=time.time()))
 
     for i in range(0, len(events), PRIME_CHUNK):
         prepared = detector.prepare(events[i : i + PRIME_CHUNK])
@@ -71,8 +64,7 @@ def warm_detector(
             if detector.fit_due(now):
                 fit()
         else:
-            verdict = Detector.score(prepared, detector.model)
-            detector.learn(prepared, verdict.anomalous)
+            detector.judge(prepared, detector.model)
     fit()  # on the latest normal history, as the next scheduled refit would
     return detector
 

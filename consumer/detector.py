@@ -2,13 +2,15 @@
 
 Like an online detector it has two halves, ``score`` and ``learn``: a batch is first
 scored against the per-source statistics and the model as they stand, then what was
-judged normal teaches the statistics and the training history. Scoring reads state
-only, so it is safe from another thread while the loop keeps consuming.
+judged normal teaches the statistics and the training history. ``judge`` does both,
+and the service runs it in its scoring thread while the loop parses the next batch;
+the loop prepares that batch only once the judging is over. ``score`` alone reads state
+only, so the HTTP endpoint may call it from its own threads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Self
 
 import numpy as np
@@ -51,6 +53,30 @@ class Verdict:
     model: FittedModel
 
 
+def rounds(rows: IntArray, per_source: int) -> list[IntArray]:
+    """Positions of a batch's events split into rounds of at most ``per_source`` events
+    of any one source: round r holds each source's events number r * per_source up to
+    (r + 1) * per_source - 1, in batch order.
+
+    Each source's events keep their order across rounds, which is all its statistics
+    depend on; events of different sources are independent of each other.
+    """
+    n = len(rows)
+    if n == 0:
+        return []
+    order = np.argsort(rows, kind="stable")
+    by_source = rows[order]
+    starts = np.flatnonzero(np.r_[True, by_source[1:] != by_source[:-1]])
+    rank = np.empty(n, dtype=np.intp)
+    # Within its source, an event's rank is its distance from the source's first event.
+    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    round_of = rank // per_source
+    if round_of.max() == 0:
+        return [np.arange(n)]
+    by_round = np.argsort(round_of, kind="stable")
+    return np.split(by_round, np.flatnonzero(np.diff(round_of[by_round])) + 1)
+
+
 @dataclass(frozen=True)
 class DetectorSettings:
     """The detector's knobs, as the configuration gives them."""
@@ -86,11 +112,17 @@ class Detector:
         )
         self.model: FittedModel | None = None
         self.versions_fitted = 0
+        # In 1/8 of a half-life a source's statistics move about 8% of the way towards
+        # its newest values: close enough to judge a round's events against.
+        self.events_per_round = max(1, round(settings.halflife_events / 8))
 
     def prepare(self, events: list[Event], *, create_sources: bool = True) -> Prepared:
         """Arrays and model features of a batch, against the statistics as they stand."""
         values = np.array([e.values for e in events], dtype=np.float64).reshape(len(events), -1)
         rows = self.normalizer.rows([e.source for e in events], create=create_sources)
+        return self._prepared(events, rows, values)
+
+    def _prepared(self, events: list[Event], rows: IntArray, values: FloatArray) -> Prepared:
         return Prepared(
             events=events,
             rows=rows,
@@ -108,6 +140,38 @@ class Detector:
         """
         scores = model.score(prepared.features)
         return Verdict(scores, (scores > model.threshold) & prepared.warmed, model)
+
+    def judge(self, prepared: Prepared, model: FittedModel) -> tuple[Prepared, Verdict]:
+        """Score a batch and let it learn (blocking: the service runs it in its scoring
+        thread, and prepares nothing meanwhile). Returns the batch with the features it
+        was scored on, and the verdict.
+
+        A batch may hold hundreds of one source's events: a backlog comes one partition
+        at a time. Scored all at once against the statistics of the batch's start, the
+        later ones would be judged against a past hundreds of events old, and ordinary
+        drift would look anomalous. So the batch goes in rounds (``rounds``) of at most
+        ``events_per_round`` events per source, each scored against the statistics the
+        rounds before it taught.
+        """
+        parts = rounds(prepared.rows, self.events_per_round)
+        if len(parts) == 1:
+            verdict = self.score(prepared, model)
+            self.learn(prepared, verdict.anomalous)
+            return prepared, verdict
+        features = np.empty_like(prepared.features)
+        warmed = np.empty_like(prepared.warmed)
+        scores = np.empty(len(prepared))
+        anomalous = np.empty(len(prepared), dtype=bool)
+        for idx in parts:
+            part = self._prepared(
+                [prepared.events[i] for i in idx], prepared.rows[idx], prepared.values[idx]
+            )
+            verdict = self.score(part, model)
+            self.learn(part, verdict.anomalous)
+            features[idx], warmed[idx] = part.features, part.warmed
+            scores[idx], anomalous[idx] = verdict.scores, verdict.anomalous
+        judged = replace(prepared, features=features, warmed=warmed)
+        return judged, Verdict(scores, anomalous, model)
 
     def learn(self, prepared: Prepared, anomalous: BoolArray) -> None:
         """Let the batch's normal events teach the statistics and the training history."""

@@ -35,7 +35,7 @@ from consumer.events import Event, EventParser, Invalid, Limits
 from consumer.http import Health
 from consumer.kafka_io import AtLeastOnce, ExactlyOnce, Message, Publisher, exactly_once
 from consumer.metrics import DetectorMetrics
-from consumer.model import FitParams, FittedModel, fit_model
+from consumer.model import FitParams, fit_model
 from consumer.normalize import BoolArray
 from consumer.windows import Batch, WindowBuffer
 
@@ -60,6 +60,9 @@ _FIT_RETRY_SECONDS = 1.0
 _MIN_FORCED_TRAINING = 10
 # After a stop request, publishing to an unreachable broker is given up after this long.
 _STOP_GRACE_SECONDS = 30.0
+# Parsing a closed window yields to the loop after each slice of this many records,
+# about 10 ms of work, so that a 20,000-record window does not stall the loop for 0.2 s.
+_PARSE_SLICE_RECORDS = 2_000
 
 
 def settings_from(config: Config) -> DetectorSettings:
@@ -327,13 +330,18 @@ class Processor:
         event_records: list[Record] = []
         invalid: list[tuple[Record, Invalid]] = []
         parse = self.parser.parse
-        for record in batch.records:
-            result = parse(record.value, record.timestamp, now)
-            if isinstance(result, Event):
-                events.append(result)
-                event_records.append(record)
-            else:
-                invalid.append((record, result))
+        records = batch.records
+        for start in range(0, len(records), _PARSE_SLICE_RECORDS):
+            if start:
+                # Let timers, heartbeats and HTTP answers through between slices.
+                await asyncio.sleep(0)
+            for record in records[start : start + _PARSE_SLICE_RECORDS]:
+                result = parse(record.value, record.timestamp, now)
+                if isinstance(result, Event):
+                    events.append(result)
+                    event_records.append(record)
+                else:
+                    invalid.append((record, result))
         # The batch before this one learns when it is scored: let it, so that this one
         # is judged against statistics that include it.
         await self._settle()
@@ -376,21 +384,30 @@ class Processor:
         messages = [self._dead_letter(record, why) for record, why in work.invalid]
         verdict: Verdict | None = None
         if work.prepared is not None:
-            assert self.detector is not None
-            assert self.detector.model is not None
-            verdict = await self._score(work.prepared, self.detector.model)
-            if not work.learned:
-                self.detector.learn(work.prepared, verdict.anomalous)
+            verdict = await self._judge(work)
             messages.extend(self._anomalies(work, verdict))
         if not await self.delivery.deliver(messages, work.offsets()):
             return None  # Shutting down with the broker away: leave the batch uncommitted.
         self._record_published(work, verdict, acked_at=time.time())
         return verdict
 
-    async def _score(self, prepared: Prepared, model: FittedModel) -> Verdict:
+    async def _judge(self, work: Work) -> Verdict:
+        """Score the batch in the scoring thread and, there too, let it learn, unless it
+        already did when it was held at cold start."""
+        assert self.detector is not None
+        assert self.detector.model is not None
+        assert work.prepared is not None
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        verdict = await loop.run_in_executor(self.score_executor, Detector.score, prepared, model)
+        model = self.detector.model
+        if work.learned:
+            verdict = await loop.run_in_executor(
+                self.score_executor, Detector.score, work.prepared, model
+            )
+        else:
+            work.prepared, verdict = await loop.run_in_executor(
+                self.score_executor, self.detector.judge, work.prepared, model
+            )
         self.metrics.scoring_duration.observe(time.perf_counter() - started)
         return verdict
 

@@ -80,8 +80,7 @@ def replay(design: Design, sim: SimConfig, events: int) -> tuple[Report, float]:
         if detector.model is None:
             detector.learn_unjudged(prepared)
         else:
-            verdict = Detector.score(prepared, detector.model)
-            detector.learn(prepared, verdict.anomalous)
+            _, verdict = detector.judge(prepared, detector.model)
             detections += [
                 Detection(0, lo + int(i), now) for i in np.flatnonzero(verdict.anomalous)
             ]

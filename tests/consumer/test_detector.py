@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from consumer.detector import Detector, DetectorSettings
+from consumer.detector import Detector, DetectorSettings, rounds
 from consumer.events import Event
 from consumer.model import FitParams, fit_model
 
@@ -79,3 +80,53 @@ def test_install_never_goes_back_to_an_older_version() -> None:
     detector.install(newer)
     detector.install(older)
     assert detector.model is newer
+
+
+@pytest.mark.parametrize(
+    ("rows", "per_source", "expected"),
+    [
+        ([], 3, []),  # nothing to judge, no rounds
+        ([0, 1, 2, 3], 1, [[0, 1, 2, 3]]),  # every source once: one round, as it came
+        ([5, 5, 5], 3, [[0, 1, 2]]),  # exactly per_source of one source still fits
+        ([5, 5, 5, 5], 3, [[0, 1, 2], [3]]),  # one more spills into a second round
+        # A backlog read one partition at a time: each source's events contiguous.
+        ([0, 0, 0, 1, 1, 1], 2, [[0, 1, 3, 4], [2, 5]]),
+        # Interleaved sources: each keeps its order, rounds keep the batch's order.
+        ([0, 1, 0, 1, 0, 2], 1, [[0, 1, 5], [2, 3], [4]]),
+        ([7, 7, 7, 7, 7], 2, [[0, 1], [2, 3], [4]]),  # a last, partial round
+    ],
+)
+def test_rounds(rows: list[int], per_source: int, expected: list[list[int]]) -> None:
+    got = rounds(np.array(rows, dtype=np.intp), per_source)
+    assert [r.tolist() for r in got] == expected
+
+
+def drifting_backlog(rng: np.random.Generator, n: int) -> list[Event]:
+    """One source whose level drifts 8 standard deviations over ``n`` events."""
+    level = 100.0 + np.linspace(0.0, 8.0, n) + rng.standard_normal(n)
+    return [Event("a", float(i), (float(v),), {}) for i, v in enumerate(level)]
+
+
+def test_a_backlog_of_one_source_is_judged_against_recent_statistics() -> None:
+    rng = np.random.default_rng(3)
+    settings = DetectorSettings(warmup_events=5, min_train=100, fit=FitParams(seed=1))
+    detector = Detector(1, settings)
+    steady = [Event("a", 0.0, (100.0 + float(x),), {}) for x in rng.standard_normal(2_000)]
+    for start in range(0, len(steady), 20):
+        batch = detector.prepare(steady[start : start + 20])
+        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+    training, version = detector.training_set(0.0)
+    model = fit_model(training, settings.fit, version=version, fitted_at=0.0)
+    backlog = drifting_backlog(rng, 1_000)
+
+    # The control: the same backlog scored in one piece (scoring alone changes nothing).
+    control = Detector.score(detector.prepare(backlog), model)
+    judged, verdict = detector.judge(detector.prepare(backlog), model)
+
+    # Against the statistics of the backlog's start, its later half looks anomalous;
+    # against statistics at most events_per_round old, drift this slow is normal.
+    assert control.anomalous.sum() > 300
+    assert verdict.anomalous.sum() < 30
+    assert judged.events == backlog
+    # The features returned are the ones the verdict was scored on.
+    np.testing.assert_allclose(model.score(judged.features), verdict.scores)
