@@ -14,16 +14,15 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from bench.stream import Record, Stream, encoded
 from consumer.topics import ensure_topics
+from producer_sim.run import RECORD_BATCH_BYTES, PartitionBatches
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
 # A port of the benchmark's own: never a demo's (9092) or the tests' (39092) broker.
 BENCH_PORT = "39692"
-RECORD_BATCH_BYTES = 128 * 1024
 _SEND_CHUNK = 2000
 
 
@@ -100,10 +99,8 @@ class BatchSender:
 
     def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: list[int]) -> None:
         self.producer = producer
-        self.topic = topic
         self.partitions = partitions
-        self._partitioner = DefaultPartitioner()
-        self._partition_of: dict[bytes, int] = {}
+        self._batches = PartitionBatches(producer, topic, partitions)
         self._in_flight: list[asyncio.Future[Any]] = []
 
     @classmethod
@@ -123,28 +120,8 @@ class BatchSender:
             raise
         return cls(producer, topic, partitions)
 
-    def _partition(self, key: bytes) -> int:
-        partition = self._partition_of.get(key)
-        if partition is None:
-            partition = self._partitioner(key, self.partitions, self.partitions)
-            self._partition_of[key] = partition
-        return partition
-
     async def send(self, records: list[Record]) -> None:
-        producer, topic = self.producer, self.topic
-        builders: dict[int, Any] = {}
-        futures: list[asyncio.Future[Any]] = []
-        for key, value, headers in records:
-            partition = self._partition(key)
-            builder = builders.get(partition)
-            if builder is None:
-                builder = builders[partition] = producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
-                builder = builders[partition] = producer.create_batch()
-                builder.append(key=key, value=value, timestamp=None, headers=headers)
-        for partition, builder in builders.items():
-            futures.append(await producer.send_batch(builder, topic, partition=partition))
+        futures = await self._batches.send(records)
         await self.flush()
         self._in_flight = futures
 

@@ -20,8 +20,9 @@ import logging
 import math
 import sys
 import time
+from asyncio import Future
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TextIO
@@ -44,6 +45,45 @@ MAX_LAG_SECONDS = 1.0  # further behind than this, the schedule restarts from no
 PROGRESS_INTERVAL_SECONDS = 1.0
 
 _PARTITIONER = DefaultPartitioner()
+
+Headers = list[tuple[str, bytes]]
+
+
+class PartitionBatches:
+    """Hands records over as one record batch per partition (more if one fills up), to
+    the partition the default partitioner gives the key, as ``send`` would."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: list[int]) -> None:
+        self.producer = producer
+        self.topic = topic
+        self._partitions = partitions
+        self._partition_of_key: dict[bytes, int] = {}
+
+    async def send(self, records: Iterable[tuple[bytes, bytes, Headers]]) -> list[Future[Any]]:
+        """Hand the records over; the futures are those of the record batches' acks."""
+        producer, topic = self.producer, self.topic
+        builders: dict[int, Any] = {}
+        futures: list[Future[Any]] = []
+        for key, value, headers in records:
+            partition = self._partition(key)
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                futures.append(await producer.send_batch(builder, topic, partition=partition))
+                builder = builders[partition] = producer.create_batch()
+                builder.append(key=key, value=value, timestamp=None, headers=headers)
+        for partition, builder in builders.items():
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+        return futures
+
+    def _partition(self, key: bytes) -> int:
+        """The default partitioner's choice, cached: there are few keys (one per source)."""
+        partition = self._partition_of_key.get(key)
+        if partition is None:
+            partition = _PARTITIONER(key, self._partitions, self._partitions)
+            self._partition_of_key[key] = partition
+        return partition
 
 
 class RunError(Exception):
@@ -218,9 +258,7 @@ class _Sender:
         progress_stream: TextIO | None,
     ) -> None:
         self.config = config
-        self.producer = producer
-        self._partitions = partitions
-        self._partition_of_key: dict[bytes, int] = {}
+        self.batches = PartitionBatches(producer, config.topic, partitions)
         self.metrics = metrics
         self.progress_stream = progress_stream
         self.summary = RunSummary()
@@ -268,32 +306,9 @@ class _Sender:
             self.progress_stream.write("\n")
 
     async def _hand_over(self, events: list[SimEvent]) -> _Batch:
-        """Send the events as one record batch per partition (more if one fills up)."""
-        topic, producer = self.config.topic, self.producer
-        builders: dict[int, Any] = {}
-        futures: list[asyncio.Future[Any]] = []
-        for event in events:
-            key, value, headers = encode(event)
-            partition = self._partition(key)
-            builder = builders.get(partition)
-            if builder is None:
-                builder = builders[partition] = producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
-                builder = builders[partition] = producer.create_batch()
-                builder.append(key=key, value=value, timestamp=None, headers=headers)
-        for partition, builder in builders.items():
-            futures.append(await producer.send_batch(builder, topic, partition=partition))
+        futures = await self.batches.send(encode(event) for event in events)
         anomalous, episodes = self._truth.tally(events)
         return _Batch(len(events), futures, anomalous, episodes)
-
-    def _partition(self, key: bytes) -> int:
-        """The default partitioner's choice, cached: there are few keys (one per source)."""
-        partition = self._partition_of_key.get(key)
-        if partition is None:
-            partition = _PARTITIONER(key, self._partitions, self._partitions)
-            self._partition_of_key[key] = partition
-        return partition
 
     async def _acknowledged(self, batch: _Batch) -> None:
         await asyncio.gather(*batch.futures)
