@@ -14,7 +14,7 @@ from prometheus_client import Counter
 from bench.kafka import create_topics
 from bench.quality import read_detections
 from bench.stream import Record
-from consumer.app import Service
+from consumer.app import Service, tune_gc
 from consumer.config import Config, load_config
 from consumer.detector import Detector, DetectorSettings
 from consumer.events import Event, EventParser
@@ -136,6 +136,7 @@ async def detector_drain(
     )
     service = Service(config)
     await service.start()
+    tune_gc()  # as `python -m consumer` does
     task: asyncio.Task[None] | None = None
     try:
         processor = service.processor

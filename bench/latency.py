@@ -28,7 +28,7 @@ from prometheus_client import Histogram
 from bench.detector import bench_config, counter_value, prime, stop_service, wait_until
 from bench.kafka import ROOT, create_topics, read_topic
 from bench.stream import SIM_RATE, Fleet, Stream, encoded
-from consumer.app import Service
+from consumer.app import Service, tune_gc
 
 LAG_INTERVAL_SECONDS = 0.01
 # After the load ends, the detector gets this long to read what was sent; a detector
@@ -133,6 +133,7 @@ async def latency(
     del stream
     service = Service(config)
     await service.start()
+    tune_gc()  # as `python -m consumer` does
     task: asyncio.Task[None] | None = None
     sampler_task: asyncio.Task[None] | None = None
     try:

@@ -169,15 +169,6 @@ class Service:
             score_executor=score_pool,
         )
         consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
-        # What is alive now (modules, sklearn, the clients) lives as long as the process.
-        # Frozen, it is never walked again by a full collection; unfrozen, every full
-        # collection walked it, stalling the loop about 150 ms each time at 20k events/s.
-        gc.freeze()
-        # A window's records live about a second, long enough to reach the oldest
-        # generation, so full collections came every second or so (30-40 ms each).
-        # Our objects are freed by reference counting; cycles can wait ten times longer.
-        young, middle, _ = gc.get_threshold()
-        gc.set_threshold(young, middle, _FULL_COLLECTION_EVERY)
 
     async def run(self) -> None:
         assert self.processor is not None, "start() first"
@@ -266,8 +257,23 @@ def _quiet_client_leftovers(loop: asyncio.AbstractEventLoop, context: dict[str, 
 
 
 # Full collections happen after this many collections of the middle generation (10 by
-# default); see Service.start.
+# default); see tune_gc.
 _FULL_COLLECTION_EVERY = 100
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings for a process whose service has started (process-wide,
+    so the entry point calls this, not the Service)."""
+    # What is alive now (modules, sklearn, the clients) lives as long as the process.
+    # Frozen, it is never walked again by a full collection; unfrozen, every full
+    # collection walked it, stalling the loop about 150 ms each time at 20k events/s.
+    gc.freeze()
+    # A window's records live about a second, long enough to reach the oldest
+    # generation, so full collections came every second or so (30-40 ms each).
+    # Our objects are freed by reference counting; cycles can wait ten times longer.
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, _FULL_COLLECTION_EVERY)
+
 
 # A fit keeps a core busy for a second or two; on a small machine the stream loop
 # would then wait for a core, and its latency with it. A refit can wait a little.
@@ -285,6 +291,7 @@ async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT; a second signal exits at once."""
     loop = asyncio.get_running_loop()
     async with Service(config) as service:
+        tune_gc()
         signals_seen = 0
 
         def on_signal(signum: int) -> None:
