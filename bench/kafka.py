@@ -21,8 +21,9 @@ from producer_sim.run import RECORD_BATCH_BYTES, PartitionBatches
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
-# A port of the benchmark's own: never a demo's (9092) or the tests' (39092) broker.
-BENCH_PORT = "39692"
+# A port of the benchmark's own: never a demo's (9092) or the tests' (29092) broker,
+# and below the ephemeral range, as the tests' are (tests/conftest.py).
+BENCH_PORT = "29692"
 _SEND_CHUNK = 2000
 
 

@@ -10,7 +10,7 @@ scoring thread) at almost no cost; without it, cProfile profiles the event loop'
 thread only (and slows Python code down about twice). Prints, per function, its share
 of the samples of busy threads during the drain (priming left out): on the stack
 (inclusive) and at the top (own); then deletes the topics.
-Start the broker first (``KAFKA_LOCAL_PORT=39692 scripts/kafka-local start``).
+Start the broker first (``KAFKA_LOCAL_PORT=29692 scripts/kafka-local start``).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ async def profile(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_detector")
-    parser.add_argument("--bootstrap-servers", default="127.0.0.1:39692")
+    parser.add_argument("--bootstrap-servers", default="127.0.0.1:29692")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--prime-events", type=int, default=50_000)
     parser.add_argument("--top", type=int, default=40)

@@ -4,7 +4,7 @@
         [--json PATH] [--only drain,detector,naive,river,exactly_once,latency,memory]
 
 Without --bootstrap-servers (or KAFKA_BOOTSTRAP_SERVERS) it starts the local Kafka on
-port 39692 (scripts/kafka-local) and stops it at the end if it started it. The topics
+port 29692 (scripts/kafka-local) and stops it at the end if it started it. The topics
 it creates carry a name of their own (bench-<token>-...) and are deleted at the end.
 """
 
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--bootstrap-servers",
         default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
-        help="a running broker (default: start the local Kafka on port 39692)",
+        help="a running broker (default: start the local Kafka on port 29692)",
     )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "latest.json")
     parser.add_argument("--only", help=f"comma-separated sections among {','.join(SECTIONS)}")

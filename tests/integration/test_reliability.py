@@ -33,7 +33,7 @@ from tests.integration.helpers import (
     wait_all_committed,
 )
 
-OWN_BROKER_PORT = 39492
+OWN_BROKER_PORT = 29492
 
 # Publish every valid event: the accounting then sees each one on the output topic.
 SCORE_EVERYTHING = (

@@ -36,7 +36,7 @@ from tests.integration.secure_broker import (
 # The first test also starts the broker (up to 180 s on a loaded machine).
 pytestmark = pytest.mark.timeout(360)
 
-PORT = int(os.environ.get("KAFKA_SECURE_TEST_PORT", "39892"))  # SASL_SSL +2, SSL +3
+PORT = int(os.environ.get("KAFKA_SECURE_TEST_PORT", "29892"))  # SASL_SSL +2, SSL +3
 SCRAM_USER, SCRAM_PASSWORD = "alice", "alice-Scram-7f3e9"
 PLAIN_USER, PLAIN_PASSWORD = "bob", "bob-Plain-2c9d41"
 COUNT = 600
