@@ -126,7 +126,11 @@ async def test_a_flood_of_score_requests_does_not_disturb_consumption(
     )  # fmt: skip
     rng = np.random.default_rng(5)
     t0 = time.time()
-    backlog = fleet(rng, 20, t0 - 60)
+    # 40 events per source: a source's events count for training only from the window
+    # holding its 20th (--warmup-events), so however windows split the backlog, each
+    # source gives at least 21 rows and the 300 of --min-train are there. With 20 per
+    # source, a window edge inside the backlog left the history short, and no model came.
+    backlog = fleet(rng, 40, t0 - 60)
     chunks = [fleet(rng, 10, t0 - 30 + i) for i in range(8)]
     body = orjson.dumps([orjson.loads(value) for _, value, _ in fleet(rng, 25, t0)])
     workers, max_requests = 6, 2_000
