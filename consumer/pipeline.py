@@ -203,6 +203,9 @@ class Processor:
         self._stopped_at: float | None = None
         self._fit_task: asyncio.Task[None] | None = None
         self._in_flight: asyncio.Task[Verdict | None] | None = None
+        # What the batch in flight raised when a revocation settled it: aiokafka only
+        # logs a rebalance listener's errors, so the loop raises it instead.
+        self._failed: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -221,7 +224,9 @@ class Processor:
                     continue
                 fetched = await self._fetch(stop_wait)
                 async with self.lock:
+                    self._raise_failure()
                     await self._step(fetched)
+            self._raise_failure()
             await self._shutdown()
         finally:
             stop_wait.cancel()
@@ -278,6 +283,10 @@ class Processor:
             await self._handle(batch, now)
         self._maybe_refit(now)
 
+    def _raise_failure(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
     async def _settle(self) -> None:
         """Wait until the batch in flight is committed (its errors surface here)."""
         task, self._in_flight = self._in_flight, None
@@ -308,7 +317,10 @@ class Processor:
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:
-            await self._settle()
+            try:
+                await self._settle()
+            except Exception as exc:  # e.g. Fenced: the loop raises it at its next step
+                self._failed = exc
             dropped = self.windows.drop(lambda r: tp_of(r) in revoked)
             kept = [w.without(revoked) for w in self.held]
             dropped += sum(w.records for w in self.held) - sum(w.records for w in kept if w)
