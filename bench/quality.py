@@ -4,35 +4,17 @@ anomalies topic (each points at its input record by partition and offset)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from bench.kafka import read_topic
-from producer_sim.generator import HEADER_ANOMALY, HEADER_EPISODE
-from producer_sim.report import Detection, RecordKey, Truth, build_report
+from producer_sim.evaluate import TruthReader
+from producer_sim.report import Detection, build_report
 
 
-@dataclass
-class TruthSet:
-    events: int = 0
-    anomalous: dict[RecordKey, Truth] = field(default_factory=dict)
-
-    def add(self, record: Any) -> None:
-        self.events += 1
-        headers = dict(record.headers or ())
-        kind, episode = headers.get(HEADER_ANOMALY), headers.get(HEADER_EPISODE)
-        if kind is None or episode is None:
-            return
-        ts = float(orjson.loads(record.value)["ts"])
-        self.anomalous[(record.partition, record.offset)] = Truth(
-            kind.decode(), episode.decode(), ts
-        )
-
-
-async def read_truth(bootstrap: str, topic: str) -> TruthSet:
-    truth = TruthSet()
+async def read_truth(bootstrap: str, topic: str) -> TruthReader:
+    truth = TruthReader()
     await read_topic(bootstrap, topic, truth.add)
     return truth
 
@@ -54,7 +36,7 @@ async def read_detections(
     return found
 
 
-def quality(truth: TruthSet, detections: list[Detection]) -> dict[str, Any]:
+def quality(truth: TruthReader, detections: list[Detection]) -> dict[str, Any]:
     report = build_report(truth.anomalous, detections, events=truth.events)
     s = report.overall
     return {

@@ -36,9 +36,10 @@ from bench.drain import drain
 from bench.kafka import LocalKafka, create_topics, delete_topics, prefill
 from bench.latency import latency
 from bench.memory import memory
-from bench.quality import TruthSet, quality, read_truth
+from bench.quality import quality, read_truth
 from bench.stream import SIM_RATE, Fleet, Record, Stream, encoded
 from consumer.config import load_config
+from producer_sim.evaluate import TruthReader
 from producer_sim.generator import METRIC_NAMES
 from producer_sim.report import Detection
 
@@ -148,7 +149,7 @@ async def _measure(
     topic = f"{prefix}-metrics"
     needs_topic = only & {"drain", "detector", "naive", "river", "exactly_once"}
     prime_records: list[Record] = []
-    truth = TruthSet()
+    truth = TruthReader()
     if needs_topic:
         await create_topics(bootstrap, [topic], s.partitions)
         # The priming events come just before the topic's in the same stream: the

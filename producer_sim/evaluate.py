@@ -84,7 +84,7 @@ async def evaluate(config: EvaluateConfig) -> Evaluation:
         auto_offset_reset="earliest",
         **security,
     )
-    truth = _TruthReader()
+    truth = TruthReader()
     detections = _DetectionReader(config.input_topic)
     handlers = {config.input_topic: truth.add, config.anomalies_topic: detections.add}
     try:
@@ -133,7 +133,7 @@ def _within(ranges: dict[int, tuple[int, int]], detection: Detection) -> bool:
     return span is not None and span[0] <= detection.offset < span[1]
 
 
-class _TruthReader:
+class TruthReader:
     """Keeps only the anomalous input records: normal ones are just counted."""
 
     def __init__(self) -> None:
