@@ -64,6 +64,11 @@ class Live(Protocol):
     @property
     def detector(self) -> Detector | None: ...
 
+    @property
+    def state_lock(self) -> threading.Lock:
+        """Held while the detector's per-source statistics change."""
+        ...
+
 
 @dataclass(frozen=True)
 class ScoreLimits:
@@ -236,7 +241,12 @@ class Scorer:
                     detail=result.detail,
                 )
             events.append(result)
-        prepared = detector.prepare(events, create_sources=False)
+        # Under the lock the stream's scoring thread holds while it updates them, so a
+        # source's mean, variance and count are read as of one moment, and its row in
+        # the table cannot be handed to another source meanwhile.
+        assert live is not None
+        with live.state_lock:
+            prepared = detector.prepare(events, create_sources=False)
         verdict = Detector.score(prepared, model)
         anomalous = verdict.anomalous.tolist()
         if bare:
