@@ -176,6 +176,16 @@ async def stop(loop: Loop) -> None:
     await loop.processor.refitter.stop()
 
 
+async def ends_with(loop: Loop, error: type[Exception], match: str) -> None:
+    """The loop raises ``error``, and nothing after the first batch was committed."""
+    assert loop.task is not None
+    with pytest.raises(error, match=match):
+        async with asyncio.timeout(10):
+            await loop.task
+    assert loop.delivery.committed == {P0: 30, P1: 30}
+    await loop.processor.refitter.stop()
+
+
 async def warm(loop: Loop) -> None:
     """Run the loop until a first model judged a first batch and it was committed."""
     loop.consumer.add(P0, 30)
@@ -229,12 +239,7 @@ async def test_a_failed_delivery_stops_the_loop_and_commits_nothing_after_it() -
     loop.delivery.error = RuntimeError("the broker refused the batch")
     loop.consumer.add(P0, 5)
     loop.consumer.add(P1, 5)
-    assert loop.task is not None
-    with pytest.raises(RuntimeError, match="refused"):
-        async with asyncio.timeout(10):
-            await loop.task
-    assert loop.delivery.committed == {P0: 30, P1: 30}
-    await loop.processor.refitter.stop()
+    await ends_with(loop, RuntimeError, "refused")
 
 
 async def test_a_delivery_called_off_while_stopping_leaves_the_batch_uncommitted() -> None:
@@ -258,12 +263,7 @@ async def test_a_producer_fenced_during_a_revocation_stops_the_loop() -> None:
     loop.delivery.gate.set()
     await revoking  # aiokafka would only log a listener's error: it must not end here
     loop.consumer.add(P1, 5)
-    assert loop.task is not None
-    with pytest.raises(Fenced):
-        async with asyncio.timeout(10):
-            await loop.task
-    assert loop.delivery.committed == {P0: 30, P1: 30}
-    await loop.processor.refitter.stop()
+    await ends_with(loop, Fenced, "took over")
 
 
 async def test_invalid_records_are_dead_lettered_with_the_batch() -> None:
