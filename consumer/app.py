@@ -8,20 +8,23 @@ import gc
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
+from consumer.alerts import AlertSender
 from consumer.config import PROG, Config, load_config
 from consumer.http import Health, HttpServer
 from consumer.kafka_io import (
@@ -43,6 +46,7 @@ from consumer.pipeline import Processor, Stopping, fit_params
 from consumer.refit import Refitter
 from consumer.scoring import ScoreLimits, Scorer, load_token
 from consumer.security import RedactSecrets, SecurityError, diagnose, explain, server_ssl_context
+from consumer.topic_reader import partitions_of, read_to_end
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class Service:
         self.metrics = DetectorMetrics(registry)
         self.health = Health()
         self.processor: Processor | None = None
+        self.alerts: AlertSender | None = None
         # /score reads the live processor, which exists only once start() made it.
         self.scorer = Scorer(
             lambda: self.processor,
@@ -130,7 +135,7 @@ class Service:
                 await producer.start()
             await check_topics(
                 consumer,
-                [self.config.input_topic, self.config.output_topic, self.config.dlq_topic],
+                self.config.topics,
             )
         except SecurityError as exc:
             await self._stack.aclose()
@@ -162,6 +167,14 @@ class Service:
         await self._stack.enter_async_context(refitter)
         score_pool = ThreadPoolExecutor(1, thread_name_prefix="score")
         self._stack.callback(score_pool.shutdown, wait=True)
+        if self.config.alertmanager_url is not None:
+            scheme = "https" if self.config.metrics_tls else "http"
+            self.alerts = AlertSender(
+                self.config.alertmanager_url,
+                link=f"{scheme}://{socket.gethostname()}:{self.http.port}/",
+                resend_seconds=self.config.alertmanager_resend_seconds,
+                on_post=observer.alerts_posted,
+            )
         self.processor = Processor(
             self.config,
             consumer,
@@ -170,6 +183,8 @@ class Service:
             observer,
             score_executor=score_pool,
             stopping=stopping,
+            alerts=self.alerts,
+            read_incidents=partial(read_incidents, self.config),
         )
         consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
 
@@ -179,6 +194,8 @@ class Service:
             asyncio.create_task(self._tick()),
             asyncio.create_task(self._watch_broker(self.processor.consumer)),
         ]
+        if self.alerts is not None:
+            background.append(asyncio.create_task(self.alerts.run()))
         try:
             await self.processor.run()
         finally:
@@ -276,6 +293,34 @@ def tune_gc() -> None:
     # Our objects are freed by reference counting; cycles can wait ten times longer.
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, _FULL_COLLECTION_EVERY)
+
+
+async def read_incidents(config: Config) -> list[dict[str, Any]]:
+    """Every record of the incidents topic, oldest first, as the detector's own
+    consumer would read it (read_committed in exactly-once mode)."""
+    records: list[dict[str, Any]] = []
+
+    def keep(record: Any) -> None:
+        try:
+            records.append(orjson.loads(record.value))
+        except (orjson.JSONDecodeError, TypeError):
+            logger.warning(
+                "skipping an unreadable record at %s[%d]@%d of the incidents topic",
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+
+    client = config.security.client_kwargs()
+    partitions = await partitions_of(config.bootstrap_servers, config.incidents_topic, **client)
+    reader = consumer_for(config, group_id=None, client_id="anomaly-detector-incidents")
+    await reader.start()
+    try:
+        reader.assign(partitions)
+        await read_to_end(reader, {config.incidents_topic: keep})
+    finally:
+        await reader.stop()
+    return records
 
 
 def _delivery(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from aiokafka import TopicPartition
@@ -84,6 +85,14 @@ class Observer:
         for i in anomalous:
             m.end_to_end_latency.observe(max(0.0, acked_at - events[i].ts))
         m.last_event_ts.set(max(e.ts for e in events))
+
+    def incidents(self, records: list[dict[str, Any]], open_now: int) -> None:
+        for record in records:
+            self.metrics.incidents.labels(record["status"]).inc()
+        self.metrics.open_incidents.set(open_now)
+
+    def alerts_posted(self, ok: bool) -> None:
+        self.metrics.alerts.labels("ok" if ok else "error").inc()
 
     def publish_failed(self, count: int, error: BaseException) -> None:
         self.metrics.errors.labels("publish").inc(count)

@@ -27,7 +27,7 @@ from consumer.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
-TOPICS = ("metrics", "anomalies", "metrics.dlq")
+TOPICS = ("metrics", "anomalies", "metrics.dlq", "incidents")
 
 
 def say(message: str) -> None:

@@ -26,14 +26,16 @@ Headers = list[tuple[str, bytes]]
 
 
 def detector_config(bootstrap: str, topics: Sequence[str], group: str, *extra: str) -> Config:
-    """A detector configuration for tests: loopback HTTP on a free port, short windows."""
-    input_topic, output_topic, dlq_topic = topics
+    """A detector configuration for tests: loopback HTTP on a free port, short windows.
+    ``topics``: input, output, dead-letter and incidents topics."""
+    input_topic, output_topic, dlq_topic, incidents_topic = topics
     return load_config(
         [
             "--bootstrap-servers", bootstrap,
             "--input-topic", input_topic,
             "--output-topic", output_topic,
             "--dlq-topic", dlq_topic,
+            "--incidents-topic", incidents_topic,
             "--group-id", group,
             "--metrics-host", "127.0.0.1",
             "--metrics-port", "0",

@@ -108,7 +108,7 @@ def detector(
         name,
         "--bootstrap-servers", kafka.bootstrap_servers,
         "--input-topic", topics[0], "--output-topic", topics[1], "--dlq-topic", topics[2],
-        "--group-id", group,
+        "--incidents-topic", topics[3], "--group-id", group,
         *SCORE_EVERYTHING,
         *extra,
     )  # fmt: skip
@@ -119,7 +119,8 @@ async def committed_total(kafka: Broker, group: str, topic: str) -> int:
 
 
 async def topics_for(new_topic: TopicFactory, partitions: int) -> list[str]:
-    return [await new_topic("in", partitions), await new_topic("out"), await new_topic("dlq")]
+    names = [await new_topic("in", partitions), await new_topic("out"), await new_topic("dlq")]
+    return [*names, await new_topic("incidents")]
 
 
 async def interrupt_and_restart(
@@ -269,7 +270,8 @@ async def test_unreachable_broker_missing_topic_and_bad_option_fail_in_one_line(
     }
     for name, (args, needle) in cases.items():
         proc = DetectorProcess(tmp_path, name.replace(" ", "-"), "--output-topic", topics[1],
-                               "--dlq-topic", topics[2], *args).start()  # fmt: skip
+                               "--dlq-topic", topics[2], "--incidents-topic", topics[3],
+                               *args).start()  # fmt: skip
         assert proc.proc is not None
         code = proc.proc.wait(timeout=90)
         errors = [line for line in proc.log().splitlines() if "error" in line.lower()]
@@ -335,7 +337,7 @@ async def test_broker_restart_mid_stream_recovers_on_its_own(
     own_broker: Broker, unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     bootstrap = own_broker.bootstrap_servers
-    topics = [unique("in"), unique("out"), unique("dlq")]
+    topics = [unique("in"), unique("out"), unique("dlq"), unique("incidents")]
     await ensure_topics(bootstrap, topics[:1], partitions=2)
     await ensure_topics(bootstrap, topics[1:])
     group = unique("group")
