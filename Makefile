@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA := scripts/kafka-local
 DURATION ?= 0
+SHOW ?= incidents
 
 .PHONY: venv lint test test-tools unit integration demo bench kafka-start kafka-stop clean
 
@@ -39,7 +40,7 @@ integration: venv test-tools
 	$(BIN)/pytest -m integration
 
 demo: venv
-	$(BIN)/python scripts/demo.py --duration $(DURATION)
+	$(BIN)/python scripts/demo.py --duration $(DURATION) $(if $(filter anomalies,$(SHOW)),--show-anomalies)
 
 bench: venv
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
