@@ -61,10 +61,11 @@ class Message:
         return replace(self, value=value, headers=[*self.headers, (TRUNCATED_HEADER, b"true")])
 
     def stripped(self) -> Message:
-        """A copy that surely fits: no key, no value, only the headers that name where the
-        original is (``dlq.reason``, ``dlq.topic``, ``dlq.partition``, ``dlq.offset``)."""
+        """A copy that surely fits: no key, an empty value (a record needs one of the two),
+        only the headers that name where the original is (``dlq.reason``, ``dlq.topic``,
+        ``dlq.partition``, ``dlq.offset``)."""
         kept = [(k, v) for k, v in self.headers if k in _LOCATION_HEADERS]
-        return Message(self.topic, None, None, [*kept, (STRIPPED_HEADER, b"true")])
+        return Message(self.topic, None, b"", [*kept, (STRIPPED_HEADER, b"true")])
 
     def smaller(self) -> Message | None:
         """What to send instead when the broker refused this as too large; None when
@@ -158,8 +159,8 @@ class RetryPolicy:
             headers.get("dlq.topic", b"?").decode(errors="replace"),
             headers.get("dlq.partition", b"?").decode(errors="replace"),
             headers.get("dlq.offset", b"?").decode(errors="replace"),
-            "without value and original headers"
-            if smaller.value is None
+            "without key, value and original headers"
+            if STRIPPED_HEADER in dict(smaller.headers)
             else f"cut to {TRUNCATED_VALUE_BYTES} bytes",
         )
 

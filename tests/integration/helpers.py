@@ -48,9 +48,12 @@ async def produce(
     bootstrap: str,
     topic: str,
     records: Sequence[tuple[bytes | None, bytes | None, Headers]],
+    **producer_options: Any,
 ) -> list[tuple[int, int]]:
     """Send (key, value, headers) records; return each one's (partition, offset)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, **producer_options
+    )
     await producer.start()
     try:
         futures = [
