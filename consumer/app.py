@@ -12,11 +12,11 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import orjson
 from aiokafka import AIOKafkaConsumer
@@ -31,6 +31,7 @@ from consumer.kafka_io import (
     Throttled,
     check_topics,
     consumer_for,
+    message_limit_bytes,
     producer_for,
     transactional_id,
 )
@@ -98,8 +99,18 @@ class Service:
         await self.close()
 
     async def start(self) -> None:
+        """Open everything the service needs; whatever step fails, what was opened by
+        then is closed again before the error leaves. Calling it again is harmless."""
         if self.processor is not None:
             return
+        try:
+            await self._open()
+        except BaseException:
+            self.processor = None
+            await self._stack.aclose()
+            raise
+
+    async def _open(self) -> None:
         try:
             self.http.start()
         except OSError as exc:
@@ -120,15 +131,14 @@ class Service:
                 consumer = consumer_for(self.config)
                 self._stack.push_async_callback(consumer.stop)
                 await consumer.start()
-                producer = producer_for(self.config)
+            outputs = [self.config.output_topic, self.config.dlq_topic]
+            await check_topics(consumer, [self.config.input_topic, *outputs])
+            limit = await message_limit_bytes(self.config, outputs)
+            with _quiet("aiokafka"):
+                producer = producer_for(self.config, max_request_size=limit)
                 self._stack.push_async_callback(producer.stop)
                 await producer.start()
-            await check_topics(
-                consumer,
-                [self.config.input_topic, self.config.output_topic, self.config.dlq_topic],
-            )
         except SecurityError as exc:
-            await self._stack.aclose()
             raise StartupError(str(exc)) from None
         except (KafkaError, OSError) as exc:
             # aiokafka reports most failures to connect as KafkaConnectionError "Unable to
@@ -137,7 +147,6 @@ class Service:
             if problem is None and isinstance(exc, KafkaConnectionError):
                 with _quiet("aiokafka"):
                     problem = await diagnose(self.config.bootstrap_servers, self.config.security)
-            await self._stack.aclose()
             if problem is not None:
                 raise StartupError(
                     f"cannot connect to Kafka at {self.config.bootstrap_servers}: {problem}"
@@ -147,9 +156,6 @@ class Service:
                     f"cannot reach Kafka at {self.config.bootstrap_servers} "
                     f"(--bootstrap-servers): {exc}"
                 ) from None
-            raise
-        except BaseException:
-            await self._stack.aclose()
             raise
         # spawn, not fork: the parent has threads (HTTP, aiokafka's resolver), and a
         # forked child could inherit a held lock.
@@ -171,17 +177,26 @@ class Service:
         consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
 
     async def run(self) -> None:
-        assert self.processor is not None, "start() first"
-        background = [
-            asyncio.create_task(self._tick()),
-            asyncio.create_task(self._watch_broker(self.processor.consumer)),
-        ]
+        """Run the stream loop and its helpers (heartbeat, broker probe) until the loop
+        returns. If any of them fails, the others are cancelled and the error leaves
+        here: Kafka errors and ``Fenced`` as they are, anything else as ``TaskFailed``
+        naming the task; the service is never left running half."""
+        processor = self.processor
+        assert processor is not None, "start() first"
         try:
-            await self.processor.run()
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            async with asyncio.TaskGroup() as tasks:
+                background = [
+                    tasks.create_task(_supervised("the loop heartbeat", self._tick())),
+                    tasks.create_task(
+                        _supervised("the broker probe", self._watch_broker(processor.consumer))
+                    ),
+                ]
+                await _supervised("the stream loop", processor.run())
+                for task in background:
+                    task.cancel()
+        except BaseExceptionGroup as group:
+            # The first failure stopped the rest; the others are its consequences.
+            raise group.exceptions[0] from None
 
     def stop(self) -> None:
         if self.processor is not None:
@@ -192,7 +207,8 @@ class Service:
 
     async def _watch_broker(self, consumer: AIOKafkaConsumer) -> None:
         """Ask the broker for metadata now and then, so /readyz tells when it is away
-        even while no record flows (a failing publish reports it too)."""
+        even while no record flows (a failing publish is a separate fact, kept by
+        delivery: reaching the broker does not mean publishing works)."""
         throttled = Throttled(logger, interval_seconds=_BROKER_CHECK_SECONDS * 2)
         while True:
             await asyncio.sleep(_BROKER_CHECK_SECONDS)
@@ -200,16 +216,16 @@ class Service:
                 async with asyncio.timeout(_BROKER_CHECK_SECONDS):
                     await consumer.topics()
             except (KafkaError, OSError, TimeoutError) as exc:
-                self.health.broker_error = f"broker unreachable: {type(exc).__name__}"
+                self.health.broker_lost(type(exc).__name__)
                 throttled.warning(
                     "Kafka at %s is unreachable (%s); retrying",
                     self.config.bootstrap_servers,
                     type(exc).__name__,
                 )
             else:
-                if self.health.broker_error is not None:
+                if self.health.broker_unreachable is not None:
                     logger.info("Kafka at %s is reachable again", self.config.bootstrap_servers)
-                self.health.broker_error = None
+                self.health.broker_back()
 
     async def _tick(self) -> None:
         """Heartbeat for /healthz and a measure of how late the loop runs timers."""
@@ -221,6 +237,22 @@ class Service:
             self.metrics.loop_lag.observe(max(0.0, now - expected))
             self.health.beat()
             expected = now + _LOOP_TICK_SECONDS
+
+
+class TaskFailed(Exception):
+    """One of the service's tasks failed unexpectedly (a bug): the service stops."""
+
+
+async def _supervised(name: str, work: Coroutine[Any, Any, None]) -> None:
+    """Run one of the service's tasks; an unexpected error becomes ``TaskFailed`` naming
+    it. Kafka errors, ``Fenced`` and ``StartupError`` keep their own one-line report."""
+    try:
+        await work
+    except (KafkaError, Fenced, StartupError):
+        raise
+    except Exception as exc:
+        logger.debug("%s failed", name, exc_info=True)
+        raise TaskFailed(f"{name} failed: {type(exc).__name__}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -387,5 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KafkaError as exc:
         print(f"{PROG}: error: Kafka: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except TaskFailed as exc:
+        print(f"{PROG}: error: {exc} (--log-level debug shows where)", file=sys.stderr)
         return 1
     return 0
