@@ -428,7 +428,10 @@ async def test_memory_stays_bounded_with_many_sources(
         for n in range(6):
             await produce(kafka.bootstrap_servers, topics[0], wave(n * 10_000, 10_000))
             await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
-            rss.append(proc.metric("process_resident_memory_bytes") or 0.0)
+            # A missing reading fails the test: read as 0, it could hide any growth.
+            reading = proc.metric("process_resident_memory_bytes")
+            assert reading is not None, "the detector did not report its RSS"
+            rss.append(reading)
             sources = proc.metric("anomaly_detector_sources")
             assert sources is not None
             assert sources <= 2000
