@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     CommitFailedError,
+    IllegalOperation,
     IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
@@ -111,7 +112,8 @@ class Throttled:
 
 
 # What a failed send may raise and is worth trying again; anything else is a bug.
-_SEND_ERRORS = (KafkaError, OSError, TimeoutError)
+# IllegalOperation: a send in a transaction that failed (or was fenced) under it.
+_SEND_ERRORS = (KafkaError, OSError, TimeoutError, IllegalOperation)
 
 Outcome = BaseException | None
 

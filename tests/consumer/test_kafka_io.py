@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.errors import IllegalOperation, KafkaConnectionError, MessageSizeTooLargeError
 
 from consumer.kafka_io import (
     STRIPPED_HEADER,
@@ -21,6 +21,7 @@ from consumer.kafka_io import (
     TRUNCATED_VALUE_BYTES,
     AtLeastOnce,
     ExactlyOnce,
+    Fenced,
     Message,
     Publisher,
     RetryPolicy,
@@ -73,15 +74,19 @@ class FakeProducer:
         self.offsets: list[dict[TopicPartition, int]] = []
         self._txn_manager = self
         self.on_send: Callable[[], None] = lambda: None
+        self.fenced = False
 
     def is_fatal_error(self) -> bool:
-        return False
+        return self.fenced
 
     async def send(
         self, topic: str, value: bytes | None, *, key: bytes | None, headers: Any
     ) -> asyncio.Future[Any]:
-        # As aiokafka's send does: a record needs a key or a value.
+        # As aiokafka's send does: a record needs a key or a value, and a transactional
+        # producer sends only within a transaction that has not failed.
         assert not (value is None and key is None), "Need at least one: key or value"
+        if self.fenced:
+            raise IllegalOperation("Can't send messages while not in transaction")
         message = Message(topic, key, value, list(headers))
         self.sent.append(message)
         self.on_send()
@@ -320,6 +325,20 @@ async def test_exactly_once_sends_nothing_for_a_partition_no_longer_assigned() -
 
     assert producer.sent == []
     assert producer.transactions == []
+
+
+async def test_a_producer_fenced_mid_batch_stops_with_fenced() -> None:
+    producer, consumer, recorder = FakeProducer(), FakeConsumer(), Recorder()
+    delivery = modes(producer, consumer, recorder)["exactly-once"]
+
+    def fence() -> None:
+        producer.fenced = True
+
+    producer.on_send = fence
+
+    with pytest.raises(Fenced):
+        await delivery.deliver([anomaly(), anomaly()], {TP: 8})
+    assert producer.transactions == ["aborted"]
 
 
 def test_only_dead_letter_copies_have_smaller_forms() -> None:
