@@ -121,10 +121,12 @@ Outcome = BaseException | None
 class RetryPolicy:
     """How both delivery modes retry a failed send: written once, used by both.
 
-    - A dead-letter copy the broker refused as too large is replaced at once by a
-      smaller one (``Message.smaller``), without a pause and without counting as a
-      failure: the next try sends something else. There are two smaller forms, the
-      last of which is a few hundred bytes, so this never loops.
+    - A dead-letter copy refused as too large (by the producer's own check against
+      the topics' limit, see ``producer_for``) is replaced at once by a smaller one
+      (``Message.smaller``), without a pause and without counting as a failure: the
+      next try sends something else. There are two smaller forms, the last a few
+      hundred bytes, so this ends; should a topic refuse even that, it is a failure
+      like any other below (reported, paced, the batch held uncommitted).
     - Any other Kafka or OS error is a failure: ``on_failure(count, error)`` hears of
       it, a throttled warning says so, and the next try waits a backoff doubling from
       ``first_backoff_seconds`` to ``max_backoff_seconds``, for as long as
