@@ -75,7 +75,6 @@ class Observer:
         m.batches.inc()
         m.batch_size.observe(records)
         m.events_dead_lettered.inc(dead_letters)
-        self.health.broker_error = None
         if verdict is None or not events:
             return
         m.events_scored.inc(len(verdict.scores))
@@ -95,16 +94,19 @@ class Observer:
         self.metrics.alerts.labels("ok" if ok else "error").inc()
 
     def publish_failed(self, count: int, error: BaseException) -> None:
+        """Sends (or a transaction) failed; readiness says so until a delivery succeeds."""
         self.metrics.errors.labels("publish").inc(count)
-        self.health.broker_error = f"publishing failed: {type(error).__name__}"
+        self.health.publish_failed(f"publishing failed: {type(error).__name__}")
+
+    def published(self) -> None:
+        """A batch's records are all acknowledged (or its transaction committed)."""
+        self.health.published()
 
     def commit_failed(self) -> None:
         self.metrics.errors.labels("commit").inc()
 
     def transaction(self, result: str) -> None:
         self.metrics.transactions.labels(result).inc()
-        if result == "aborted":
-            self.health.broker_error = "a transaction was aborted"
 
     # -- the model --------------------------------------------------------------------
 

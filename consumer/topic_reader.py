@@ -1,71 +1,68 @@
-"""Reading topics from their beginning to their end offsets as of now.
+"""Reading topics whole: from their beginning to their end offsets as of the start.
 
-One piece of code for everything that reads a topic whole: the detector restoring its
-open incidents, the evaluator, the benchmark and the tests.
+One reader for the detector (taking its open incidents back), the evaluator, the
+benchmark and the tests (which may import this package; it imports none of them).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
+# How long one fetch waits for records before the reader looks at its positions again.
 _POLL_MS = 500
 
+# Called with each fetched batch of a partition's records (those before the end only).
+Handle = Callable[[TopicPartition, Sequence[Any]], None]
 
-class ReadTimeout(Exception):
-    """No record came for a while before a partition's end offset was reached."""
 
-
-async def partitions_of(bootstrap_servers: str, topic: str, **client: Any) -> list[TopicPartition]:
-    """The topic's partitions, as the broker describes them."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **client)
-    await admin.start()
-    try:
-        (described,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    return [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+class Stalled(Exception):
+    """No record came for the idle timeout before a partition was read to its end."""
 
 
 async def read_to_end(
     consumer: AIOKafkaConsumer,
-    handlers: Mapping[str, Callable[[Any], None]],
+    handle: Handle,
     *,
-    idle_timeout_seconds: float = 60.0,
+    idle_timeout_seconds: float | None = None,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> dict[TopicPartition, tuple[int, int]]:
-    """Feed every record of the consumer's assigned partitions, up to their end offsets
-    at the start, to the handler of its topic; each partition's [beginning, end).
+    """Feed every record of the consumer's assigned partitions, from their beginning up
+    to their end offsets as of now, to ``handle``, a fetched batch at a time.
 
-    Raises ``ReadTimeout`` when no record came for ``idle_timeout_seconds`` (a big topic
-    may take longer than that to read, as long as records keep coming).
+    ``on_ready`` is called once the end offsets are known and the partitions rewound,
+    just before the first fetch. With ``idle_timeout_seconds``, raises ``Stalled`` when
+    no record came for that long (a big topic may take longer than that to read).
+    Returns each partition's [beginning, end) offsets.
     """
     partitions = sorted(consumer.assignment())
+    if not partitions:
+        return {}
     beginning = await consumer.beginning_offsets(partitions)
     end = await consumer.end_offsets(partitions)
     await consumer.seek_to_beginning(*partitions)
     pending = {tp for tp in partitions if end[tp] > beginning[tp]}
     consumer.pause(*(set(partitions) - pending))
-    deadline = time.monotonic() + idle_timeout_seconds
+    on_ready()
+    deadline = None if idle_timeout_seconds is None else time.monotonic() + idle_timeout_seconds
     while pending:
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             tp = min(pending)
             position = await consumer.position(tp)
-            raise ReadTimeout(
+            raise Stalled(
                 f"no records for {idle_timeout_seconds:g} s while reading "
                 f"{tp.topic}[{tp.partition}] at offset {position} of {end[tp]}"
             )
         batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
-        if batches:
+        if batches and idle_timeout_seconds is not None:
             deadline = time.monotonic() + idle_timeout_seconds
         for tp, records in batches.items():
-            handle = handlers[tp.topic]
-            for record in records:
-                if record.offset < end[tp]:
-                    handle(record)
+            if records and records[-1].offset >= end[tp]:
+                records = [r for r in records if r.offset < end[tp]]
+            handle(tp, records)
         for tp in list(pending):
             if await consumer.position(tp) >= end[tp]:
                 pending.discard(tp)
@@ -74,37 +71,29 @@ async def read_to_end(
 
 
 async def read_topic(
-    bootstrap_servers: str,
+    bootstrap: str,
     topic: str,
-    handle: Callable[[Any], None],
+    handle: Handle,
     *,
     isolation_level: str = "read_uncommitted",
-    idle_timeout_seconds: float = 60.0,
+    on_ready: Callable[[], None] = lambda: None,
     **client: Any,
-) -> int:
-    """Feed every record of a topic, up to its end offsets as of now, to ``handle``;
-    how many there were. ``client``: extra client settings (security)."""
-    partitions = await partitions_of(bootstrap_servers, topic, **client)
+) -> dict[TopicPartition, tuple[int, int]]:
+    """``read_to_end`` on every partition of one topic, with a consumer of its own that
+    joins no group and commits nothing; ``client`` holds further consumer settings
+    (security, client id, fetch sizes)."""
+    # Subscribed without a group, the consumer is assigned every partition itself.
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
+        topic,
+        bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level=isolation_level,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
         **client,
     )
-    count = 0
-
-    def counted(record: Any) -> None:
-        nonlocal count
-        handle(record)
-        count += 1
-
     await consumer.start()
     try:
-        consumer.assign(partitions)
-        await read_to_end(consumer, {topic: counted}, idle_timeout_seconds=idle_timeout_seconds)
+        return await read_to_end(consumer, handle, on_ready=on_ready)
     finally:
         await consumer.stop()
-    return count

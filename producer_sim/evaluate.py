@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from consumer.security import KafkaSecurity, SecurityError
+from consumer.topic_reader import Handle, Stalled, read_to_end
 from producer_sim.errors import cannot_connect, describe
 from producer_sim.generator import HEADER_ANOMALY, HEADER_EPISODE
 from producer_sim.report import (
@@ -34,8 +34,6 @@ from producer_sim.report import (
 )
 
 logger = logging.getLogger(__name__)
-
-_POLL_MS = 500
 
 
 class EvaluateError(Exception):
@@ -109,7 +107,11 @@ async def evaluate(config: EvaluateConfig) -> Evaluation:
         handlers[config.incidents_topic] = incidents.add
     try:
         await consumer.start()
-        ranges = await _read_whole(consumer, handlers, config.timeout_seconds)
+        ranges = await read_to_end(
+            consumer, _dispatch(handlers), idle_timeout_seconds=config.timeout_seconds
+        )
+    except Stalled as exc:
+        raise EvaluateError(str(exc)) from None
     except KafkaError as exc:
         raise EvaluateError(f"reading failed: {describe(exc)}") from None
     finally:
@@ -156,6 +158,17 @@ async def _check_topics(config: EvaluateConfig, security: dict[str, Any]) -> Non
             f"topic(s) {', '.join(repr(t) for t in missing)} do not exist on "
             f"{config.bootstrap_servers}"
         )
+
+
+def _dispatch(handlers: Mapping[str, Callable[[Any], None]]) -> Handle:
+    """Hands each record to its topic's handler."""
+
+    def handle(tp: TopicPartition, records: Sequence[Any]) -> None:
+        add = handlers[tp.topic]
+        for record in records:
+            add(record)
+
+    return handle
 
 
 def _within(ranges: dict[int, tuple[int, int]], detection: Detection) -> bool:
@@ -249,42 +262,3 @@ class _DetectionReader:
             self.other_topic += 1
             return
         self.detections.append(Detection(partition, offset, detected_at))
-
-
-async def _read_whole(
-    consumer: AIOKafkaConsumer,
-    handlers: Mapping[str, Callable[[Any], None]],
-    timeout_seconds: float,
-) -> dict[TopicPartition, tuple[int, int]]:
-    """Feed every record of the topics, up to their end offsets at start, to its handler.
-
-    Gives up when no record came for ``timeout_seconds`` (a big topic may take longer
-    than that to read). Returns each partition's [beginning, end) offsets.
-    """
-    partitions = sorted(consumer.assignment())
-    beginning = await consumer.beginning_offsets(partitions)
-    end = await consumer.end_offsets(partitions)
-    await consumer.seek_to_beginning(*partitions)
-    pending = {tp for tp in partitions if end[tp] > beginning[tp]}
-    consumer.pause(*(set(partitions) - pending))
-    deadline = time.monotonic() + timeout_seconds
-    while pending:
-        if time.monotonic() > deadline:
-            tp = min(pending)
-            position = await consumer.position(tp)
-            raise EvaluateError(
-                f"no records for {timeout_seconds:g} s while reading {tp.topic}[{tp.partition}]"
-                f" at offset {position} of {end[tp]}"
-            )
-        batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
-        if batches:
-            deadline = time.monotonic() + timeout_seconds
-        for tp, records in batches.items():
-            for record in records:
-                if record.offset < end[tp]:
-                    handlers[tp.topic](record)
-        for tp in list(pending):
-            if await consumer.position(tp) >= end[tp]:
-                pending.discard(tp)
-                consumer.pause(tp)
-    return {tp: (beginning[tp], end[tp]) for tp in partitions}

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import Service
 from consumer.config import Config, load_config
+from consumer.topic_reader import read_topic
 
 Headers = list[tuple[str, bytes]]
 
@@ -50,9 +51,12 @@ async def produce(
     bootstrap: str,
     topic: str,
     records: Sequence[tuple[bytes | None, bytes | None, Headers]],
+    **producer_options: Any,
 ) -> list[tuple[int, int]]:
     """Send (key, value, headers) records; return each one's (partition, offset)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, **producer_options
+    )
     await producer.start()
     try:
         futures = [
@@ -71,29 +75,11 @@ def event(source: str, ts: float, **metrics: float) -> tuple[bytes, bytes, Heade
 
 async def drain(bootstrap: str, topic: str, isolation_level: str = "read_uncommitted") -> list[Any]:
     """Every record of a topic, from the beginning to the end offsets as of now."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        isolation_level=isolation_level,
-        auto_offset_reset="earliest",
+    records: list[Any] = []
+    await read_topic(
+        bootstrap, topic, lambda tp, batch: records.extend(batch), isolation_level=isolation_level
     )
-    partitions = await partitions_of(bootstrap, topic)
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        end = await consumer.end_offsets(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        records = []
-        remaining = {tp for tp in partitions if end[tp] > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000)
-            for tp, recs in batch.items():
-                records.extend(recs)
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        return records
-    finally:
-        await consumer.stop()
+    return records
 
 
 # The offset helpers take the clients' security settings as `client` keyword arguments

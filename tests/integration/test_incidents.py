@@ -85,6 +85,7 @@ async def start_alertmanager(tmp_path: Path) -> AsyncIterator[StartAlertmanager]
     started: list[Alertmanager] = []
 
     async def start(wanted_port: int) -> Alertmanager:
+        log = tmp_path / "alertmanager.log"
         for attempt in range(1, START_ATTEMPTS + 1):
             port = wanted_port or free_port()
             log = tmp_path / f"alertmanager-{port}-{attempt}.log"

@@ -175,8 +175,8 @@ async def start_prometheus(tmp_path: Path) -> AsyncIterator[StartPrometheus]:
             if not server.exited():
                 return server
             if "address already in use" not in tail(log).lower():
-                break
-        raise AssertionError(f"Prometheus exited while starting; its log:\n{tail(log)}")
+                raise AssertionError(f"Prometheus exited while starting; its log:\n{tail(log)}")
+        raise AssertionError(f"Prometheus lost the race for a free port {START_ATTEMPTS} times")
 
     try:
         yield start
