@@ -24,7 +24,7 @@ def test_outliers_within_a_source_are_found_across_very_different_baselines() ->
     detector = Detector(2, DetectorSettings(min_train=500, warmup_events=10, fit=FitParams(seed=1)))
     for i in range(60):
         batch = detector.prepare(fleet_batch(rng, 40, float(i)))
-        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+        detector.learn(batch)
     assert detector.fit_due(100.0)
     training, version = detector.training_set(100.0)
     detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0))
@@ -43,7 +43,7 @@ def test_young_sources_are_scored_but_never_reported() -> None:
     detector = Detector(2, DetectorSettings(min_train=50, warmup_events=5))
     for i in range(10):
         batch = detector.prepare(fleet_batch(rng, 10, float(i)))
-        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+        detector.learn(batch)
     training, version = detector.training_set(0.0)
     detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0))
     assert detector.model is not None
@@ -57,18 +57,24 @@ def test_young_sources_are_scored_but_never_reported() -> None:
 def test_cold_start_learning_fills_the_history_from_a_single_backlog_batch() -> None:
     rng = np.random.default_rng(0)
     detector = Detector(2, DetectorSettings(min_train=100, warmup_events=5))
-    backlog = [e for i in range(20) for e in fleet_batch(rng, 10, float(i))]
-    detector.learn_unjudged(detector.prepare(backlog))
-    assert len(detector.history) == len(backlog)
+    backlog = [e for i in range(100) for e in fleet_batch(rng, 10, float(i))]
+    held = detector.learn_unjudged(detector.prepare(backlog))
+    # Learned in rounds of 25 events per source: all but each source's first round were
+    # judged against statistics warmed by the rounds before.
+    assert len(detector.history) == len(backlog) - 10 * detector.events_per_round
+    assert held.warmed.sum() == len(detector.history)
     assert detector.fit_due(0.0)
 
 
-def test_anomalies_stay_out_of_the_training_history() -> None:
+def test_outliers_stay_out_of_the_training_history() -> None:
     detector = Detector(1, DetectorSettings(warmup_events=1))
-    events = [Event("a", 0.0, (1.0,), {}), Event("a", 0.0, (2.0,), {})]
-    detector.learn(detector.prepare(events), np.zeros(2, dtype=bool))
-    batch = detector.prepare(events)
-    detector.learn(batch, np.array([True, False]))
+    events = [Event("a", 0.0, (100.0,), {}), Event("a", 0.0, (102.0,), {})]
+    detector.learn(detector.prepare(events))
+    # 100 standard deviations out, and an ordinary value: only the latter is learned.
+    batch = detector.prepare([Event("a", 0.0, (200.0,), {}), Event("a", 0.0, (101.0,), {})])
+    assert detector.outliers(batch).tolist() == [True, False]
+    detector.learn(batch)
+    # The first batch taught the statistics but was judged before any (no warm source).
     assert len(detector.history) == 1
 
 
@@ -114,7 +120,7 @@ def test_a_backlog_of_one_source_is_judged_against_recent_statistics() -> None:
     steady = [Event("a", 0.0, (100.0 + float(x),), {}) for x in rng.standard_normal(2_000)]
     for start in range(0, len(steady), 20):
         batch = detector.prepare(steady[start : start + 20])
-        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+        detector.learn(batch)
     training, version = detector.training_set(0.0)
     model = fit_model(training, settings.fit, version=version, fitted_at=0.0)
     backlog = drifting_backlog(rng, 1_000)

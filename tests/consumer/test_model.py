@@ -44,7 +44,7 @@ def test_contamination_sets_the_threshold_from_the_training_scores() -> None:
 
 
 def test_auto_contamination_is_the_half_way_score_and_a_fixed_threshold_wins() -> None:
-    auto = fit_model(normal(500), FitParams(contamination=None), version=1, fitted_at=0.0)
+    auto = fit_model(normal(500), FitParams(contamination="auto"), version=1, fitted_at=0.0)
     assert auto.threshold == pytest.approx(0.5)
     fixed = fit_model(normal(500), FitParams(score_threshold=0.7), version=1, fitted_at=0.0)
     assert fixed.threshold == 0.7
