@@ -5,9 +5,9 @@ scored against the per-source statistics and the model as they stand, then it te
 the statistics and the training history. What it learns never depends on what is
 reported: an event far out by its per-source z-scores (a model-free measure) is kept
 out of the history and moves its source's statistics only clipped, whatever the
-threshold. ``judge`` does both,
-and the service runs it in its scoring thread while the loop parses the next batch;
-the loop prepares that batch only once the judging is over. ``score`` alone reads state
+threshold. ``judge`` does both, and the service runs it in its scoring thread while
+the loop parses the next batch; the loop prepares that batch only once the judging is
+over. ``score`` alone reads state
 only, so the HTTP endpoint may call it from its own threads.
 """
 
