@@ -75,8 +75,8 @@ def prime(processor: Processor, records: list[Record]) -> float:
     detector = warm_detector(processor.parser, processor.settings, records)
     assert detector.model is not None
     processor.detector = detector
-    processor.metrics.model_version.set(detector.model.version)
-    processor.health.model_version = detector.model.version
+    processor.observer.metrics.model_version.set(detector.model.version)
+    processor.observer.health.model_version = detector.model.version
     return time.perf_counter() - started
 
 
@@ -142,11 +142,11 @@ async def detector_drain(
         processor = service.processor
         assert processor is not None
         prime_seconds = prime(processor, prime_records)
-        consumed = processor.metrics.events_consumed
+        consumed = processor.observer.metrics.events_consumed
         cpu_before = time.process_time()
         task = asyncio.create_task(service.run())
         started = await wait_until(
-            lambda: processor.health.assigned_partitions > 0,
+            lambda: processor.observer.health.assigned_partitions > 0,
             task,
             interval=0.002,
             limit_seconds=60,
@@ -166,7 +166,7 @@ async def detector_drain(
         await asyncio.wait_for(running, timeout=120)
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu_before
-        m = processor.metrics
+        m = processor.observer.metrics
         result: dict[str, Any] = {
             "processing_guarantee": guarantee,
             "events": int(counter_value(consumed)),

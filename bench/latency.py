@@ -140,11 +140,11 @@ async def latency(
         processor = service.processor
         assert processor is not None
         prime(processor, prime_records)
-        sampler = LagSampler(lambda: getattr(processor, "_fit_task", None) is not None)
+        sampler = LagSampler(lambda: processor.refitter.fitting)
         task = asyncio.create_task(service.run())
         sampler_task = asyncio.create_task(sampler.run())
         await wait_until(
-            lambda: processor.health.assigned_partitions > 0,
+            lambda: processor.observer.health.assigned_partitions > 0,
             task,
             interval=0.01,
             limit_seconds=60,
@@ -156,7 +156,7 @@ async def latency(
         )
         sent = await loadgen_summary(proc)
         span = (started + warmup, started + warmup + duration)
-        consumed = processor.metrics.events_consumed
+        consumed = processor.observer.metrics.events_consumed
         # A detector that does not keep up is reported with its backlog, below.
         with contextlib.suppress(TimeoutError):
             await wait_until(
@@ -171,7 +171,7 @@ async def latency(
         # The last window closes on its own time, as it would under a steady stream.
         await asyncio.sleep(config.window_seconds + 0.5)
         fits = counter_value_labeled(service, "ok") - fits_before
-        service_lag_p99 = histogram_quantile(processor.metrics.loop_lag, 0.99)
+        service_lag_p99 = histogram_quantile(processor.observer.metrics.loop_lag, 0.99)
         running, task = task, None
         sampler_task.cancel()
         service.stop()

@@ -6,36 +6,41 @@ import asyncio
 import contextlib
 import gc
 import logging
-import multiprocessing
 import os
 import signal
 import ssl
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Self
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from consumer.config import PROG, Config, load_config
 from consumer.http import Health, HttpServer
 from consumer.kafka_io import (
+    AtLeastOnce,
+    ExactlyOnce,
     Fenced,
+    Publisher,
     StartupError,
     Throttled,
     check_topics,
     consumer_for,
+    exactly_once,
     producer_for,
     transactional_id,
 )
 from consumer.metrics import DetectorMetrics
-from consumer.pipeline import Processor
+from consumer.observer import Observer
+from consumer.pipeline import Processor, Stopping, fit_params
+from consumer.refit import Refitter
 from consumer.scoring import ScoreLimits, Scorer, load_token
 from consumer.security import RedactSecrets, SecurityError, diagnose, explain, server_ssl_context
 
@@ -151,22 +156,20 @@ class Service:
         except BaseException:
             await self._stack.aclose()
             raise
-        # spawn, not fork: the parent has threads (HTTP, aiokafka's resolver), and a
-        # forked child could inherit a held lock.
-        fit_pool = ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn"), initializer=_fitting_process
-        )
-        self._stack.callback(fit_pool.shutdown, wait=True, cancel_futures=True)
+        observer = Observer(self.metrics, self.health)
+        stopping = Stopping()
+        refitter = Refitter(fit_params(self.config), observer)
+        await self._stack.enter_async_context(refitter)
         score_pool = ThreadPoolExecutor(1, thread_name_prefix="score")
         self._stack.callback(score_pool.shutdown, wait=True)
         self.processor = Processor(
             self.config,
             consumer,
-            producer,
-            self.metrics,
-            self.health,
-            fit_executor=fit_pool,
+            _delivery(self.config, consumer, producer, observer, stopping),
+            refitter,
+            observer,
             score_executor=score_pool,
+            stopping=stopping,
         )
         consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
 
@@ -275,16 +278,26 @@ def tune_gc() -> None:
     gc.set_threshold(young, middle, _FULL_COLLECTION_EVERY)
 
 
-# A fit keeps a core busy for a second or two; on a small machine the stream loop
-# would then wait for a core, and its latency with it. A refit can wait a little.
-_FIT_NICENESS = 10
-
-
-def _fitting_process() -> None:
-    """Set up the fitting process: Ctrl-C reaches the whole process group, and it is the
-    parent's to handle (it finishes the window, then shuts the pool down)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(_FIT_NICENESS)
+def _delivery(
+    config: Config,
+    consumer: AIOKafkaConsumer,
+    producer: AIOKafkaProducer,
+    observer: Observer,
+    stopping: Stopping,
+) -> AtLeastOnce | ExactlyOnce:
+    """The delivery mode the configuration asks for, reporting to the observer."""
+    if exactly_once(config):
+        return ExactlyOnce(
+            consumer,
+            producer,
+            group_id=config.group_id,
+            on_result=observer.transaction,
+            should_retry=stopping.keep_retrying,
+        )
+    publisher = Publisher(
+        producer, on_error=observer.publish_failed, should_retry=stopping.keep_retrying
+    )
+    return AtLeastOnce(consumer, publisher, on_commit_error=observer.commit_failed)
 
 
 async def serve(config: Config) -> None:

@@ -38,6 +38,8 @@ class Health:
     assigned_partitions: int = 0
     model_version: int = 0
     broker_error: str | None = None
+    # Set after repeated failed model fits (the fitting process keeps dying, say).
+    fit_error: str | None = None
 
     def beat(self) -> None:
         self.loop_heartbeat = time.monotonic()
@@ -51,8 +53,14 @@ class Health:
             "assigned_partitions": self.assigned_partitions,
             "model_version": self.model_version,
             "broker_error": self.broker_error,
+            "fit_error": self.fit_error,
         }
-        ok = self.assigned_partitions > 0 and self.model_version > 0 and not self.broker_error
+        ok = (
+            self.assigned_partitions > 0
+            and self.model_version > 0
+            and not self.broker_error
+            and not self.fit_error
+        )
         return ok, checks
 
 

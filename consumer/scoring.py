@@ -36,7 +36,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from consumer.config import Config
-from consumer.detector import Detector
+from consumer.detector import Detector, Prepared
 from consumer.events import Event, EventParser, Invalid
 from consumer.http import Reply, ScoreRequest
 from consumer.kafka_io import StartupError
@@ -63,6 +63,22 @@ class Live(Protocol):
 
     @property
     def detector(self) -> Detector | None: ...
+
+    @property
+    def state_lock(self) -> threading.Lock:
+        """Held while the detector's per-source statistics change."""
+        ...
+
+
+def prepare_read_only(live: Live, detector: Detector, events: list[Event]) -> Prepared:
+    """The events' features against the live per-source statistics, changing nothing.
+
+    Under the lock the stream's scoring thread holds while it updates them, so a
+    source's mean, variance and count are read as of one moment, and its row in the
+    table cannot be handed to another source meanwhile.
+    """
+    with live.state_lock:
+        return detector.prepare(events, create_sources=False)
 
 
 @dataclass(frozen=True)
@@ -236,7 +252,8 @@ class Scorer:
                     detail=result.detail,
                 )
             events.append(result)
-        prepared = detector.prepare(events, create_sources=False)
+        assert live is not None
+        prepared = prepare_read_only(live, detector, events)
         verdict = Detector.score(prepared, model)
         anomalous = verdict.anomalous.tolist()
         if bare:

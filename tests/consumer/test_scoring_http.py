@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import http.client
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class FakeLive:
 
     parser: EventParser
     detector: Detector | None
+    state_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def fitted(features: tuple[str, ...]) -> FakeLive:

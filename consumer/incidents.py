@@ -1,0 +1,244 @@
+"""Incidents: a source's anomalies grouped into one thing that opens, updates and resolves.
+
+Operators page on incidents, not on points. Per source, an incident opens on a single
+anomaly rare enough on its own (``open_at_once_rate``), or on ``open_anomalies``
+anomalies within ``open_window_seconds`` of event time; a lone borderline point, which
+the false-alarm budget lets through now and then on normal traffic, opens nothing.
+Further anomalies update it, rate-limited: the first update comes ``update_seconds``
+after the open at the soonest, each later one twice as long after the one before, so
+a long incident yields a handful of records. It resolves once the source has sent
+``quiet_events`` normal events and ``quiet_seconds`` of event time have passed since
+its last anomaly, or when the source has been silent for ``silent_seconds`` of stream
+time (the newest event time seen).
+
+Pure and single-threaded: the service runs ``track`` in its scoring thread with the
+batch it has just judged. Incident ids are deterministic (source and start time), so a
+batch judged again after a crash names the same incident.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+OPEN, UPDATE, RESOLVED = "open", "update", "resolved"
+
+
+@dataclass(frozen=True)
+class IncidentSettings:
+    quiet_events: int = 20
+    quiet_seconds: float = 30.0
+    silent_seconds: float = 300.0
+    open_anomalies: int = 2
+    open_window_seconds: float = 30.0
+    open_at_once_rate: float = 0.01
+    update_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One judged event of a source, as the tracker needs it."""
+
+    source: str
+    ts: float
+    anomalous: bool
+    score: float = 0.0
+    # Expected false alarms per 10,000 normal events at this score (calibrated).
+    rate: float = math.inf
+    zscores: Mapping[str, float] | None = None
+
+
+@dataclass
+class Incident:
+    incident_id: str
+    source: str
+    started_at: float
+    last_anomaly_at: float
+    anomalies: int
+    peak: Point
+    next_update_at: float
+    update_gap_seconds: float
+    quiet_events: int = 0
+    updated_anomalies: int = 0
+    resolved_at: float | None = None
+
+    def take(self, point: Point) -> None:
+        self.anomalies += 1
+        self.last_anomaly_at = max(self.last_anomaly_at, point.ts)
+        self.quiet_events = 0
+        if point.score > self.peak.score:
+            self.peak = point
+
+    def record(self, status: str, open_incidents: int) -> dict[str, Any]:
+        """The incidents topic's record of this state change (see the README's schema)."""
+        zscores = dict(self.peak.zscores) if self.peak.zscores is not None else None
+        top = max(zscores, key=lambda m: abs(zscores[m])) if zscores else None
+        return {
+            "incident_id": self.incident_id,
+            "source": self.source,
+            "status": status,
+            "started_at": self.started_at,
+            "last_anomaly_at": self.last_anomaly_at,
+            "resolved_at": self.resolved_at,
+            "anomalies": self.anomalies,
+            "peak": {
+                "ts": self.peak.ts,
+                "score": round(self.peak.score, 6),
+                "false_alarm_rate": None
+                if math.isinf(self.peak.rate)
+                else float(f"{self.peak.rate:.4g}"),
+                "zscores": zscores,
+            },
+            "top_metric": top,
+            "open_incidents": open_incidents,
+        }
+
+
+@dataclass
+class _Pending:
+    """Anomalies of a source with no incident yet: too few to open one."""
+
+    times: list[float] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
+
+
+def incident_id(source: str, started_at: float) -> str:
+    return f"{source}@{round(started_at * 1000)}"
+
+
+class IncidentTracker:
+    """Open incidents and pending anomalies per source."""
+
+    def __init__(self, settings: IncidentSettings = IncidentSettings()) -> None:
+        self.settings = settings
+        self.open: dict[str, Incident] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._last_seen: dict[str, float] = {}
+        self.stream_ts = -math.inf
+
+    def track(self, points: Sequence[Point]) -> list[dict[str, Any]]:
+        """Fold a judged batch in (its events in arrival order); the records of every
+        state change it caused, in order."""
+        out: list[dict[str, Any]] = []
+        for point in points:
+            if point.anomalous:
+                self._anomaly(point, out)
+            elif point.source in self.open or point.source in self._pending:
+                self._normal(point, out)
+            if point.source in self.open:
+                self._last_seen[point.source] = point.ts
+            if point.ts > self.stream_ts:
+                self.stream_ts = point.ts
+        self._resolve_silent(out)
+        return out
+
+    def restore(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Take back open incidents from the incidents topic (the latest record per
+        source wins); how many are open."""
+        latest: dict[str, Mapping[str, Any]] = {}
+        for record in records:
+            latest[record["source"]] = record
+        for source, record in latest.items():
+            if record["status"] == RESOLVED:
+                self.open.pop(source, None)
+                continue
+            peak = record["peak"]
+            rate = peak.get("false_alarm_rate")
+            gap = self.settings.update_seconds
+            self.open[source] = Incident(
+                incident_id=record["incident_id"],
+                source=source,
+                started_at=record["started_at"],
+                last_anomaly_at=record["last_anomaly_at"],
+                anomalies=record["anomalies"],
+                peak=Point(
+                    source,
+                    peak["ts"],
+                    True,
+                    peak["score"],
+                    math.inf if rate is None else rate,
+                    peak.get("zscores"),
+                ),
+                next_update_at=record["last_anomaly_at"] + gap,
+                update_gap_seconds=gap,
+                updated_anomalies=record["anomalies"],
+            )
+            self._last_seen[source] = record["last_anomaly_at"]
+        return len(self.open)
+
+    def _anomaly(self, point: Point, out: list[dict[str, Any]]) -> None:
+        s = self.settings
+        incident = self.open.get(point.source)
+        if incident is not None:
+            incident.take(point)
+            if (
+                point.ts >= incident.next_update_at
+                and incident.anomalies > incident.updated_anomalies
+            ):
+                incident.updated_anomalies = incident.anomalies
+                incident.update_gap_seconds *= 2
+                incident.next_update_at = point.ts + incident.update_gap_seconds
+                out.append(incident.record(UPDATE, len(self.open)))
+            return
+        pending = self._pending.setdefault(point.source, _Pending())
+        horizon = point.ts - s.open_window_seconds
+        keep = [i for i, t in enumerate(pending.times) if t >= horizon]
+        pending.times = [pending.times[i] for i in keep] + [point.ts]
+        pending.points = [pending.points[i] for i in keep] + [point]
+        if len(pending.times) < s.open_anomalies and point.rate > s.open_at_once_rate:
+            return
+        del self._pending[point.source]
+        first = pending.points[0]
+        incident = Incident(
+            incident_id=incident_id(point.source, first.ts),
+            source=point.source,
+            started_at=first.ts,
+            last_anomaly_at=first.ts,
+            anomalies=0,
+            peak=first,
+            next_update_at=0.0,
+            update_gap_seconds=s.update_seconds,
+        )
+        for p in pending.points:
+            incident.take(p)
+        incident.updated_anomalies = incident.anomalies
+        incident.next_update_at = incident.last_anomaly_at + s.update_seconds
+        self.open[point.source] = incident
+        self._last_seen[point.source] = point.ts
+        out.append(incident.record(OPEN, len(self.open)))
+
+    def _normal(self, point: Point, out: list[dict[str, Any]]) -> None:
+        s = self.settings
+        pending = self._pending.get(point.source)
+        if pending is not None and point.ts - pending.times[-1] > s.open_window_seconds:
+            del self._pending[point.source]
+        incident = self.open.get(point.source)
+        if incident is None:
+            return
+        incident.quiet_events += 1
+        if (
+            incident.quiet_events >= s.quiet_events
+            and point.ts - incident.last_anomaly_at >= s.quiet_seconds
+        ):
+            self._resolve(incident, point.ts, out)
+
+    def _resolve_silent(self, out: list[dict[str, Any]]) -> None:
+        limit = self.stream_ts - self.settings.silent_seconds
+        for source in [s for s, seen in self._last_seen.items() if seen < limit]:
+            del self._last_seen[source]
+            incident = self.open.get(source)
+            if incident is not None:
+                self._resolve(incident, self.stream_ts, out)
+        for source in [s for s, p in self._pending.items() if p.times[-1] < limit]:
+            del self._pending[source]
+
+    def _resolve(self, incident: Incident, at: float, out: list[dict[str, Any]]) -> None:
+        incident.resolved_at = at
+        del self.open[incident.source]
+        self._last_seen.pop(incident.source, None)
+        out.append(incident.record(RESOLVED, len(self.open)))

@@ -1,0 +1,92 @@
+"""What the detector publishes, as records: anomalies and dead-letter copies.
+
+Pure functions of a judged batch or of a refused record, with no I/O: the loop's
+scoring thread encodes a batch's anomalies, the loop itself encodes dead letters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import orjson
+
+from consumer.detector import Prepared, Verdict
+from consumer.events import Invalid
+from consumer.kafka_io import Message
+
+
+class Record(Protocol):
+    """What the loop reads of an aiokafka ``ConsumerRecord``."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+def anomaly_messages(
+    topic: str,
+    features: Sequence[str] | None,
+    window: tuple[float, float],
+    prepared: Prepared,
+    records: Sequence[Record],
+    verdict: Verdict,
+    detected_at: float,
+) -> list[Message]:
+    """One record per anomalous event (key = its source); see the README's schema.
+
+    ``features`` names the columns of the per-source z-scores, or is None when the
+    detector scores raw values (then the anomaly carries no z-scores).
+    """
+    model = verdict.model
+    start, end = window
+    out = []
+    for i in np.flatnonzero(verdict.anomalous).tolist():
+        event = prepared.events[i]
+        record = records[i]
+        doc: dict[str, object] = {
+            "source": event.source,
+            "ts": event.ts,
+            "metrics": event.metrics,
+            "score": round(float(verdict.scores[i]), 6),
+            "threshold": round(model.threshold, 6),
+            "window": {"start": start, "end": end},
+            "model": {
+                "version": model.version,
+                "fitted_at": model.fitted_at,
+                "training_size": model.training_size,
+            },
+            "input": {
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+            },
+            "detected_at": detected_at,
+        }
+        if features is not None:
+            # Which metric is off, and how far, in its source's own standard deviations.
+            zscores = prepared.features[i, : len(features)].round(3).tolist()
+            doc["zscores"] = dict(zip(features, zscores, strict=True))
+        value = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        out.append(Message(topic, event.source.encode(), value, []))
+    return out
+
+
+def dead_letter(topic: str, record: Record, why: Invalid) -> Message:
+    """The record as it came (key, value, headers), plus ``dlq.*`` headers saying why
+    and where from."""
+    headers = list(record.headers or ())
+    headers += [
+        ("dlq.reason", why.reason.encode()),
+        ("dlq.detail", why.detail.encode("utf-8", "replace")),
+        ("dlq.topic", record.topic.encode()),
+        ("dlq.partition", str(record.partition).encode()),
+        ("dlq.offset", str(record.offset).encode()),
+        ("dlq.timestamp", str(record.timestamp).encode()),
+    ]
+    return Message(topic, record.key, record.value, headers)

@@ -1,0 +1,127 @@
+"""What the stream loop reports: one small class between its parts and the metrics.
+
+The loop, the batch in flight, cold start and the refitter say what happened
+(``consumed``, ``delivered``, ``model_installed``...); this turns it into Prometheus
+samples and the health the probes read. Every method runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from aiokafka import TopicPartition
+
+from consumer.detector import Detector, Verdict
+from consumer.events import Event
+from consumer.http import Health
+from consumer.metrics import DetectorMetrics
+from consumer.model import FittedModel
+
+logger = logging.getLogger(__name__)
+
+
+class Observer:
+    """Metrics and health of one detector instance."""
+
+    def __init__(self, metrics: DetectorMetrics, health: Health) -> None:
+        self.metrics = metrics
+        self.health = health
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def consumed(
+        self, tp: TopicPartition, records: int, last_offset: int, highwater: int | None
+    ) -> None:
+        self.metrics.events_consumed.inc(records)
+        if highwater is not None:
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                max(0, highwater - last_offset - 1)
+            )
+
+    def invalid(self, reason: str) -> None:
+        self.metrics.events_invalid.labels(reason).inc()
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        self.metrics.rebalances.inc()
+        self.metrics.assigned_partitions.set(len(partitions))
+        self.health.assigned_partitions = len(partitions)
+
+    def revoked(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+        self.health.assigned_partitions = 0
+
+    def held(self, records: int) -> None:
+        self.metrics.held_events.set(records)
+
+    # -- delivery ---------------------------------------------------------------------
+
+    def scored(self, seconds: float) -> None:
+        self.metrics.scoring_duration.observe(seconds)
+
+    def delivered(
+        self,
+        records: int,
+        dead_letters: int,
+        events: list[Event] | None,
+        verdict: Verdict | None,
+        acked_at: float,
+    ) -> None:
+        """A batch's records are acknowledged and its offsets committed."""
+        m = self.metrics
+        m.batches.inc()
+        m.batch_size.observe(records)
+        m.events_dead_lettered.inc(dead_letters)
+        self.health.broker_error = None
+        if verdict is None or not events:
+            return
+        m.events_scored.inc(len(verdict.scores))
+        anomalous = np.flatnonzero(verdict.anomalous)
+        m.anomalies_published.inc(len(anomalous))
+        m.scores.observe_many(verdict.scores)
+        for i in anomalous:
+            m.end_to_end_latency.observe(max(0.0, acked_at - events[i].ts))
+        m.last_event_ts.set(max(e.ts for e in events))
+
+    def publish_failed(self, count: int, error: BaseException) -> None:
+        self.metrics.errors.labels("publish").inc(count)
+        self.health.broker_error = f"publishing failed: {type(error).__name__}"
+
+    def commit_failed(self) -> None:
+        self.metrics.errors.labels("commit").inc()
+
+    def transaction(self, result: str) -> None:
+        self.metrics.transactions.labels(result).inc()
+        if result == "aborted":
+            self.health.broker_error = "a transaction was aborted"
+
+    # -- the model --------------------------------------------------------------------
+
+    def fit_started(self, detector: Detector) -> None:
+        self.metrics.history_size.set(len(detector.history))
+        self.metrics.sources.set(len(detector.normalizer))
+
+    def fit_failed(self, failures_in_a_row: int, unready_after: int) -> None:
+        self.metrics.fits.labels("error").inc()
+        if failures_in_a_row >= unready_after:
+            self.health.fit_error = f"{failures_in_a_row} model fits failed in a row"
+
+    def model_installed(self, model: FittedModel) -> None:
+        m = self.metrics
+        m.fits.labels("ok").inc()
+        m.fit_duration.observe(model.fit_seconds)
+        m.model_version.set(model.version)
+        m.model_last_fit.set(model.fitted_at)
+        m.training_size.set(model.training_size)
+        m.threshold.set(model.threshold)
+        self.health.model_version = model.version
+        self.health.fit_error = None
+        logger.info(
+            "model version %d fitted on %d events in %.2fs (threshold %.4f)",
+            model.version,
+            model.training_size,
+            model.fit_seconds,
+            model.threshold,
+        )

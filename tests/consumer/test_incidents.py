@@ -1,0 +1,133 @@
+"""Incidents from a source's anomalies: when they open, update and resolve."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumer.incidents import IncidentSettings, IncidentTracker, Point, incident_id
+
+SETTINGS = IncidentSettings(
+    quiet_events=3,
+    quiet_seconds=10.0,
+    silent_seconds=100.0,
+    open_anomalies=2,
+    open_window_seconds=5.0,
+    open_at_once_rate=0.01,
+    update_seconds=10.0,
+)
+
+
+def points(script: str, source: str = "a") -> list[Point]:
+    """One point per token "<ts><mark>": A an anomaly at rate 1, X a rare one (rate
+    0.001), . a normal event; e.g. "0A 1A 20. 21."."""
+    out = []
+    for token in script.split():
+        ts, mark = float(token[:-1]), token[-1]
+        rate = {"A": 1.0, "X": 0.001, ".": 50.0}[mark]
+        out.append(
+            Point(
+                source,
+                ts,
+                mark != ".",
+                score=0.5 + ts / 1000,
+                rate=rate,
+                zscores={"cpu": ts, "mem": -1.0},
+            )
+        )
+    return out
+
+
+def statuses(script: str, settings: IncidentSettings = SETTINGS) -> list[tuple[str, float]]:
+    tracker = IncidentTracker(settings)
+    return [(r["status"], r["started_at"]) for r in tracker.track(points(script))]
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        # A lone borderline anomaly opens nothing; two within the window open one.
+        ("0A 1. 2.", []),
+        ("0A 3A", [("open", 0.0)]),
+        ("0A 6A", []),  # 6 s apart: beyond the 5 s window
+        # One rare enough on its own opens at once.
+        ("0X", [("open", 0.0)]),
+        # Resolves after 3 normal events and 10 s since the last anomaly: both needed.
+        ("0A 1A 2. 3. 4.", [("open", 0.0)]),
+        ("0A 1A 12. 13. 14.", [("open", 0.0), ("resolved", 0.0)]),
+        ("0A 1A 12. 13.", [("open", 0.0)]),
+        # An anomaly during the quiet time starts the count again.
+        ("0A 1A 12. 13. 14A 30. 31. 32.", [("open", 0.0), ("update", 0.0), ("resolved", 0.0)]),
+        # After it resolved, new anomalies open a new incident.
+        ("0X 20. 21. 22. 40X", [("open", 0.0), ("resolved", 0.0), ("open", 40.0)]),
+    ],
+)
+def test_an_incident_opens_and_resolves(script: str, expected: list[tuple[str, float]]) -> None:
+    assert statuses(script) == expected
+
+
+def test_a_long_incident_yields_a_handful_of_updates_not_one_per_anomaly() -> None:
+    # An anomaly every second for 300 s, open from 1 s: updates 10, 30, 70 and 150 s on.
+    script = " ".join(f"{t}A" for t in range(301))
+    records = IncidentTracker(SETTINGS).track(points(script))
+    assert [r["status"] for r in records] == ["open"] + ["update"] * 4
+    updates = [r["last_anomaly_at"] for r in records[1:]]
+    assert updates == [11.0, 31.0, 71.0, 151.0]
+    assert records[-1]["anomalies"] == 152
+
+
+def test_a_record_carries_the_peak_and_the_metric_most_off() -> None:
+    tracker = IncidentTracker(SETTINGS)
+    (opened,) = tracker.track(points("0A 2A"))
+    assert opened == {
+        "incident_id": incident_id("a", 0.0),
+        "source": "a",
+        "status": "open",
+        "started_at": 0.0,
+        "last_anomaly_at": 2.0,
+        "resolved_at": None,
+        "anomalies": 2,
+        "peak": {
+            "ts": 2.0,
+            "score": 0.502,
+            "false_alarm_rate": 1.0,
+            "zscores": {"cpu": 2.0, "mem": -1.0},
+        },
+        "top_metric": "cpu",
+        "open_incidents": 1,
+    }
+
+
+def test_sources_are_independent_and_each_record_counts_the_open_ones() -> None:
+    tracker = IncidentTracker(SETTINGS)
+    batch = sorted(points("0X 1. 2.", "a") + points("0.5X", "b"), key=lambda p: p.ts)
+    records = tracker.track(batch)
+    assert [(r["source"], r["open_incidents"]) for r in records] == [("a", 1), ("b", 2)]
+
+
+def test_a_silent_source_resolves_on_the_stream_clock() -> None:
+    tracker = IncidentTracker(SETTINGS)
+    tracker.track(points("0X"))
+    assert tracker.track(points("50. 99.", "other")) == []
+    (resolved,) = tracker.track(points("101.", "other"))
+    assert (resolved["source"], resolved["status"], resolved["resolved_at"]) == (
+        "a",
+        "resolved",
+        101.0,
+    )
+
+
+def test_a_restored_incident_is_updated_not_opened_again() -> None:
+    before = IncidentTracker(SETTINGS)
+    (opened,) = before.track(points("0X"))
+    after = IncidentTracker(SETTINGS)
+    assert after.restore([opened]) == 1
+    # The batch judged again after a crash: the same anomaly, and more of them.
+    records = after.track(points("0X 12A 13. 14. 15. 30. 31. 32."))
+    assert [r["status"] for r in records] == ["update", "resolved"]
+    assert {r["incident_id"] for r in records} == {opened["incident_id"]}
+
+
+def test_a_resolved_incident_is_not_restored() -> None:
+    tracker = IncidentTracker(SETTINGS)
+    records = tracker.track(points("0X 20. 21. 22."))
+    assert IncidentTracker(SETTINGS).restore(records) == 0
