@@ -168,7 +168,7 @@ class FittedModel:
         """Scores, which of them exceed a threshold, and their false-alarm rates."""
         scores = self.score(features)
         anomalous: BoolArray = scores > self.threshold
-        if self.z_tail is not None:
+        if self.budget is not None and self.z_tail is not None:
             anomalous |= features[:, -1] > self.z_threshold
         return scores, anomalous, self.false_alarm_rates(scores, features)
 
@@ -249,7 +249,7 @@ def fit_model(
         threshold=threshold,
         tail=tail,
         budget=budget,
-        z_tail=z_tail if budget is not None else None,
+        z_tail=z_tail,
         z_threshold=z_threshold,
         fit_seconds=time.perf_counter() - started,
     )

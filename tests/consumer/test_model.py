@@ -165,7 +165,6 @@ def test_overrides_decide_by_the_score_alone() -> None:
     for params in (FitParams(contamination=0.01), FitParams(score_threshold=0.6)):
         model = fit_model(rows, params, version=1, fitted_at=0.0)
         assert model.budget is None
-        assert model.z_tail is None
         scores, anomalous, _ = model.judge(rows)
         np.testing.assert_array_equal(anomalous, scores > model.threshold)
 
