@@ -186,6 +186,7 @@ class Finisher:
         if not events:
             return []
         anomalous = verdict.anomalous.tolist()
+        rates = verdict.false_alarm_rates
         watched = self.incidents.watched
         names = self.features
         points = []
@@ -196,7 +197,7 @@ class Finisher:
                     row = prepared.features[i, : len(names)].round(3).tolist()
                     zscores = dict(zip(names, row, strict=True))
                 points.append(Point(event.source, event.ts, True, float(verdict.scores[i]),
-                                    zscores=zscores))  # fmt: skip
+                                    float(rates[i]), zscores))  # fmt: skip
             elif event.source in watched:
                 points.append(Point(event.source, event.ts, False))
         return self.incidents.track(points, stream_ts=max(e.ts for e in events))

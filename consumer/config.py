@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from consumer.options import (
     Option,
@@ -25,10 +26,12 @@ PROG = "anomaly-detector"
 ENV_PREFIX = "ANOMALY_"
 
 
-def contamination(raw: str) -> float | None:
-    """``auto`` (sklearn's threshold of 0.5) or a fraction in (0, 0.5]."""
-    if raw.strip().lower() == "auto":
+def contamination(raw: str) -> float | Literal["auto"] | None:
+    """Empty (not set), ``auto`` (sklearn's threshold of 0.5) or a fraction in (0, 0.5]."""
+    if not raw.strip():
         return None
+    if raw.strip().lower() == "auto":
+        return "auto"
     return number(minimum=0.0, exclusive_min=True, maximum=0.5)(raw)
 
 
@@ -94,17 +97,26 @@ OPTIONS: tuple[Option, ...] = (
         "events needed before the first fit; until then batches are held",
     ),
     Option(
+        "--false-alarm-rate",
+        number(minimum=0.0, exclusive_min=True, maximum=1000.0),
+        1.0,
+        "the alert budget: expected false alarms per 10,000 normal events; the thresholds "
+        "are set from the scores of the training history so that normal events exceed "
+        "them at this rate, whatever the share of anomalies",
+    ),
+    Option(
         "--contamination",
         contamination,
-        0.002,
-        "expected share of anomalies: sets the threshold from the training scores, "
-        "or 'auto' for sklearn's fixed 0.5",
+        None,
+        "override: flag this share of the training scores instead of --false-alarm-rate "
+        "(a fraction in (0, 0.5]), or 'auto' for sklearn's fixed 0.5",
     ),
     Option(
         "--score-threshold",
         score_threshold,
         None,
-        "fixed score threshold in (0, 1]; overrides --contamination",
+        "override: a fixed score threshold in (0, 1]; wins over --contamination and "
+        "--false-alarm-rate",
     ),
     Option("--n-estimators", integer(minimum=1, maximum=10_000), 100, "trees in the forest"),
     Option(
@@ -327,7 +339,8 @@ class Config:
     refit_events: int
     history_size: int
     min_train: int
-    contamination: float | None
+    false_alarm_rate: float
+    contamination: float | Literal["auto"] | None
     score_threshold: float | None
     n_estimators: int
     max_samples: int

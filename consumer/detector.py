@@ -1,10 +1,13 @@
 """The detector proper, free of Kafka and asyncio: batches of events in, scores out.
 
 Like an online detector it has two halves, ``score`` and ``learn``: a batch is first
-scored against the per-source statistics and the model as they stand, then what was
-judged normal teaches the statistics and the training history. ``judge`` does both,
-and the service runs it in its scoring thread while the loop parses the next batch;
-the loop prepares that batch only once the judging is over. ``score`` alone reads state
+scored against the per-source statistics and the model as they stand, then it teaches
+the statistics and the training history. What it learns never depends on what is
+reported: an event far out by its per-source z-scores (a model-free measure) is kept
+out of the history and moves its source's statistics only clipped, whatever the
+threshold. ``judge`` does both, and the service runs it in its scoring thread while
+the loop parses the next batch; the loop prepares that batch only once the judging is
+over. ``score`` alone reads state
 only, so the HTTP endpoint may call it from its own threads.
 """
 
@@ -46,11 +49,17 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Scores of a prepared batch under one model, and which events are anomalies."""
+    """Scores of a prepared batch under one model, and which events are anomalies.
+
+    ``false_alarm_rates`` calibrates each score: the expected false alarms per 10,000
+    normal events of a threshold at that score, under the model that gave it; unlike
+    the raw score, comparable across model versions.
+    """
 
     scores: FloatArray
     anomalous: BoolArray
     model: FittedModel
+    false_alarm_rates: FloatArray
 
 
 def rounds(rows: IntArray, per_source: int) -> list[IntArray]:
@@ -89,6 +98,9 @@ class DetectorSettings:
     min_train: int = 2_000
     refit_seconds: float = 60.0
     refit_events: int = 0
+    # An event with a z-score beyond this in any metric of a warmed source never enters
+    # the history, and moves its source's statistics only clipped (see ``learn``).
+    outlier_z: float = 5.0
     fit: FitParams = field(default_factory=FitParams)
 
 
@@ -138,8 +150,8 @@ class Detector:
         A source still warming up is scored but never reported: its statistics say too
         little yet to call anything unusual.
         """
-        scores = model.score(prepared.features)
-        return Verdict(scores, (scores > model.threshold) & prepared.warmed, model)
+        scores, anomalous, rates = model.judge(prepared.features)
+        return Verdict(scores, anomalous & prepared.warmed, model, rates)
 
     def judge(self, prepared: Prepared, model: FittedModel) -> tuple[Prepared, Verdict]:
         """Score a batch and let it learn (blocking: the service runs it in its scoring
@@ -156,7 +168,7 @@ class Detector:
         parts = rounds(prepared.rows, self.events_per_round)
         if len(parts) == 1:
             verdict = self.score(prepared, model)
-            self.learn(prepared, verdict.anomalous)
+            self.learn(prepared)
             return prepared, verdict
         features = np.empty_like(prepared.features)
         warmed = np.empty_like(prepared.warmed)
@@ -167,36 +179,64 @@ class Detector:
                 [prepared.events[i] for i in idx], prepared.rows[idx], prepared.values[idx]
             )
             verdict = self.score(part, model)
-            self.learn(part, verdict.anomalous)
+            self.learn(part)
             features[idx], warmed[idx] = part.features, part.warmed
             scores[idx], anomalous[idx] = verdict.scores, verdict.anomalous
+        rates = model.false_alarm_rates(scores, features)
         judged = replace(prepared, features=features, warmed=warmed)
-        return judged, Verdict(scores, anomalous, model)
+        return judged, Verdict(scores, anomalous, model, rates)
 
-    def learn(self, prepared: Prepared, anomalous: BoolArray) -> None:
-        """Let the batch's normal events teach the statistics and the training history."""
-        self.normalizer.update(prepared.rows, prepared.values, ~anomalous)
-        # Only warmed sources' features mean something; only normal events are normal.
-        self.history.add(prepared.features[prepared.warmed & ~anomalous])
+    def outliers(self, prepared: Prepared) -> BoolArray:
+        """Events far out by a robust, model-free measure: a warmed source's event with a
+        z-score beyond ``outlier_z`` in any metric, against the statistics as they stand
+        (a batch is learned right after it was prepared, so these are the statistics it
+        was prepared against)."""
+        z = self.normalizer.zscores(prepared.rows, prepared.values)
+        far: BoolArray = prepared.warmed & (np.abs(z).max(axis=1) > self.settings.outlier_z)
+        return far
 
-    def learn_unjudged(self, prepared: Prepared) -> None:
-        """Cold start: with no model to judge by, every event counts as normal.
+    def learn(self, prepared: Prepared) -> None:
+        """Let the batch teach the statistics and the training history.
 
-        The history gets the batch's features as they look after the statistics learned
-        from it, so a backlog read in one first batch still yields training rows. Once
-        the first model judged these events, ``rejudge_history`` replaces those rows.
+        What is learned never depends on the verdict, so that what the operator chooses
+        to be told (a budget, a fixed threshold) never changes what the detector learns.
+        Outliers (``outliers``) count only clipped in their source's statistics, and
+        stay out of the history: anomalies that entered it would teach the next forest
+        that their region is normal and pull the threshold into their own scores.
         """
-        self.normalizer.update(prepared.rows, prepared.values, np.ones(len(prepared), dtype=bool))
-        warmed = self.normalizer.warmed(prepared.rows)
-        self.history.add(self._features(prepared.rows[warmed], prepared.values[warmed]))
+        far = self.outliers(prepared)
+        self.normalizer.update(prepared.rows, prepared.values, ~far)
+        # Only warmed sources' features mean something.
+        self.history.add(prepared.features[prepared.warmed & ~far])
 
-    def rejudge_history(self, batches: list[tuple[Prepared, BoolArray]]) -> None:
-        """Rebuild the history from cold-start batches without what the first model
-        judged anomalous, and refit at once: anomalies in a backlog would otherwise
-        teach the next model that their region is normal."""
-        self.history.clear()
-        for prepared, anomalous in batches:
-            self.history.add(prepared.features[prepared.warmed & ~anomalous])
+    def learn_unjudged(self, prepared: Prepared) -> Prepared:
+        """Cold start: learn a batch with no model to judge it by yet, and return it with
+        each event's features and warm-up flag as they stood at that event.
+
+        It learns in rounds like ``judge``, with the same outlier rule, so the held
+        events are later scored as they would have been live (no hindsight: not against
+        statistics that learned from the whole hold), the warm-up guard applies to them,
+        and an outlier in the hold teaches neither the statistics nor the history.
+        """
+        parts = rounds(prepared.rows, self.events_per_round)
+        features = np.empty_like(prepared.features)
+        warmed = np.empty_like(prepared.warmed)
+        for idx in parts:
+            part = self._prepared(
+                [prepared.events[i] for i in idx], prepared.rows[idx], prepared.values[idx]
+            )
+            self.learn(part)
+            features[idx], warmed[idx] = part.features, part.warmed
+        return replace(prepared, features=features, warmed=warmed)
+
+    def cold_start_over(self) -> None:
+        """After the first model judged the cold-start batches: refit at once, on the
+        history grown while they were held.
+
+        Nothing of the history is judged again: ``learn_unjudged`` already kept the
+        outliers out of it, by the same rule as any later batch, and what was reported
+        never changes what is learned.
+        """
         self.schedule.request()
 
     def _features(self, rows: IntArray, values: FloatArray) -> FloatArray:

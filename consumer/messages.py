@@ -55,6 +55,9 @@ def anomaly_messages(
             "metrics": event.metrics,
             "score": round(float(verdict.scores[i]), 6),
             "threshold": round(model.threshold, 6),
+            # Calibrated: the false alarms per 10,000 normal events of thresholds that
+            # would just flag this event; comparable across model versions.
+            "false_alarm_rate": float(f"{verdict.false_alarm_rates[i]:.3g}"),
             "window": {"start": start, "end": end},
             "model": {
                 "version": model.version,

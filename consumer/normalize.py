@@ -97,6 +97,11 @@ class SourceNormalizer:
         """Features for the model: z-scores (or raw values when disabled)."""
         if not self.enabled:
             return values
+        return self.zscores(idx, values)
+
+    def zscores(self, idx: IntArray, values: FloatArray) -> FloatArray:
+        """Each value's z-score against its source's statistics (kept even when
+        disabled: they tell the detector which events not to learn from)."""
         known = idx >= 0
         safe = np.where(known, idx, 0)
         mean = self._mean[safe]

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
+from functools import partial
 from typing import Any, Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -344,36 +345,23 @@ class Processor:
         self.cold.hold(work)
 
     def _learn_unjudged(self, detector: Detector, events: list[Event]) -> Prepared:
+        """Scoring thread: the batch's features as they stand at each event, learned."""
         with self.state_lock:
-            prepared = detector.prepare(events)
-            detector.learn_unjudged(prepared)
-            return prepared
+            return detector.learn_unjudged(detector.prepare(events))
 
     async def _finish_and_free(self, work: Work) -> None:
         await self.finisher.finish(work, self.detector)
         await free_in_slices(work)
 
     async def _drain_held(self) -> None:
+        """The first model exists: score the held batches on the features they had when
+        they arrived (no hindsight: a backlog is judged as it would have been live), publish
+        and commit them in order, then refit on the history grown meanwhile."""
         detector = self.detector
         assert detector is not None
         await self.in_flight.settle()
-        loop = asyncio.get_running_loop()
-
-        async def finish(work: Work) -> bool:
-            if work.prepared is not None:
-                # Held events were prepared before their sources had any history; judge
-                # them against the statistics learned since.
-                work.prepared = await loop.run_in_executor(
-                    self.score_executor, self._prepare, detector, work.events
-                )
-            return await self.finisher.finish(work, detector)
-
-        judged = await self.cold.drain(finish)
-        await loop.run_in_executor(self.score_executor, detector.rejudge_history, judged)
-
-    def _prepare(self, detector: Detector, events: list[Event]) -> Prepared:
-        with self.state_lock:
-            return detector.prepare(events)
+        if await self.cold.drain(partial(self.finisher.finish, detector=detector)):
+            detector.cold_start_over()
 
     # -- the first model --------------------------------------------------------------
 

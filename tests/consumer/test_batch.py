@@ -172,7 +172,7 @@ def verdict_for(detector: Detector, w: Work, anomalous: list[bool]) -> Verdict:
     prepared = detector.prepare(w.events)
     w.prepared = prepared
     scores = np.linspace(0.4, 0.9, len(w.events))
-    return Verdict(scores, np.array(anomalous), model)
+    return Verdict(scores, np.array(anomalous), model, model.false_alarm_rates(scores))
 
 
 def test_an_anomaly_message_names_its_source_input_model_and_zscores() -> None:
@@ -187,6 +187,8 @@ def test_an_anomaly_message_names_its_source_input_model_and_zscores() -> None:
     assert doc["input"] == {"topic": "t", "partition": 1, "offset": 10}
     assert doc["model"] == {"version": 3, "fitted_at": 12.5, "training_size": 300}
     assert doc["score"] == 0.65
+    rate = float(verdict.model.false_alarm_rates(np.array([0.65]))[0])
+    assert doc["false_alarm_rate"] == pytest.approx(rate, rel=1e-2)
     assert doc["window"] == {"start": 0.0, "end": 1.0}
     assert set(doc["zscores"]) == {"x"}
     raw = anomaly_messages("out", None, (0.0, 1.0), w.prepared, w.event_records, verdict, 2.0)

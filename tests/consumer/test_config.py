@@ -26,7 +26,7 @@ def test_flag_beats_environment_beats_default() -> None:
     config = load_config(["--window-seconds", "1"], environ=env)
     assert config.window_seconds == 1.0
     assert config.features == ("cpu", "mem")
-    assert load_config([], environ={"ANOMALY_CONTAMINATION": "auto"}).contamination is None
+    assert load_config([], environ={"ANOMALY_CONTAMINATION": "auto"}).contamination == "auto"
 
 
 @pytest.mark.parametrize(

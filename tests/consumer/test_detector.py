@@ -24,7 +24,7 @@ def test_outliers_within_a_source_are_found_across_very_different_baselines() ->
     detector = Detector(2, DetectorSettings(min_train=500, warmup_events=10, fit=FitParams(seed=1)))
     for i in range(60):
         batch = detector.prepare(fleet_batch(rng, 40, float(i)))
-        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+        detector.learn(batch)
     assert detector.fit_due(100.0)
     training, version = detector.training_set(100.0)
     detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0))
@@ -43,7 +43,7 @@ def test_young_sources_are_scored_but_never_reported() -> None:
     detector = Detector(2, DetectorSettings(min_train=50, warmup_events=5))
     for i in range(10):
         batch = detector.prepare(fleet_batch(rng, 10, float(i)))
-        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+        detector.learn(batch)
     training, version = detector.training_set(0.0)
     detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0))
     assert detector.model is not None
@@ -57,18 +57,24 @@ def test_young_sources_are_scored_but_never_reported() -> None:
 def test_cold_start_learning_fills_the_history_from_a_single_backlog_batch() -> None:
     rng = np.random.default_rng(0)
     detector = Detector(2, DetectorSettings(min_train=100, warmup_events=5))
-    backlog = [e for i in range(20) for e in fleet_batch(rng, 10, float(i))]
-    detector.learn_unjudged(detector.prepare(backlog))
-    assert len(detector.history) == len(backlog)
+    backlog = [e for i in range(100) for e in fleet_batch(rng, 10, float(i))]
+    held = detector.learn_unjudged(detector.prepare(backlog))
+    # Learned in rounds of 25 events per source: all but each source's first round were
+    # judged against statistics warmed by the rounds before.
+    assert len(detector.history) == len(backlog) - 10 * detector.events_per_round
+    assert held.warmed.sum() == len(detector.history)
     assert detector.fit_due(0.0)
 
 
-def test_anomalies_stay_out_of_the_training_history() -> None:
+def test_outliers_stay_out_of_the_training_history() -> None:
     detector = Detector(1, DetectorSettings(warmup_events=1))
-    events = [Event("a", 0.0, (1.0,), {}), Event("a", 0.0, (2.0,), {})]
-    detector.learn(detector.prepare(events), np.zeros(2, dtype=bool))
-    batch = detector.prepare(events)
-    detector.learn(batch, np.array([True, False]))
+    events = [Event("a", 0.0, (100.0,), {}), Event("a", 0.0, (102.0,), {})]
+    detector.learn(detector.prepare(events))
+    # 100 standard deviations out, and an ordinary value: only the latter is learned.
+    batch = detector.prepare([Event("a", 0.0, (200.0,), {}), Event("a", 0.0, (101.0,), {})])
+    assert detector.outliers(batch).tolist() == [True, False]
+    detector.learn(batch)
+    # The first batch taught the statistics but was judged before any (no warm source).
     assert len(detector.history) == 1
 
 
@@ -114,7 +120,7 @@ def test_a_backlog_of_one_source_is_judged_against_recent_statistics() -> None:
     steady = [Event("a", 0.0, (100.0 + float(x),), {}) for x in rng.standard_normal(2_000)]
     for start in range(0, len(steady), 20):
         batch = detector.prepare(steady[start : start + 20])
-        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+        detector.learn(batch)
     training, version = detector.training_set(0.0)
     model = fit_model(training, settings.fit, version=version, fitted_at=0.0)
     backlog = drifting_backlog(rng, 1_000)
@@ -130,3 +136,107 @@ def test_a_backlog_of_one_source_is_judged_against_recent_statistics() -> None:
     assert judged.events == backlog
     # The features returned are the ones the verdict was scored on.
     np.testing.assert_allclose(model.score(judged.features), verdict.scores)
+
+
+def fleet_with_outliers(
+    rate: float, *, sources: int = 20, per_source: int = 600, seed: int = 0
+) -> tuple[list[list[Event]], np.ndarray]:
+    """Batches of one event per source and tick (baselines 1 to 1000), and which events
+    are outliers: one metric 8 standard deviations off, at ``rate`` after tick 30."""
+    rng = np.random.default_rng(seed)
+    batches, truth = [], []
+    for tick in range(per_source):
+        batch, flags = [], []
+        for s in range(sources):
+            scale = 10.0 ** (s % 4)
+            values = scale * (1 + 0.05 * rng.standard_normal(2))
+            outlier = tick >= 30 and rng.random() < rate
+            if outlier:
+                values[rng.integers(2)] += scale * 0.05 * 8.0 * rng.choice([-1.0, 1.0])
+            batch.append(Event(f"s{s}", float(tick), tuple(values), {}))
+            flags.append(outlier)
+        batches.append(batch)
+        truth.append(flags)
+    return batches, np.array(truth)
+
+
+FLEET_FIT = FitParams(n_estimators=50, seed=1)
+
+
+def run_fleet(
+    rate: float, params: FitParams = FLEET_FIT, seed: int = 0
+) -> tuple[Detector, np.ndarray, np.ndarray]:
+    """Cold start on the first 150 ticks (held, then scored by the first model, as the
+    service does), then every later tick judged; returns the flags and the truth."""
+    batches, truth = fleet_with_outliers(rate, seed=seed)
+    settings = DetectorSettings(min_train=2_000, warmup_events=20, fit=params)
+    detector = Detector(2, settings)
+    held = [detector.learn_unjudged(detector.prepare(b)) for b in batches[:150]]
+    training, version = detector.training_set(0.0)
+    detector.install(fit_model(training, params, version=version, fitted_at=0.0))
+    assert detector.model is not None
+    flagged = [Detector.score(p, detector.model).anomalous for p in held]
+    for batch in batches[150:]:
+        _, verdict = detector.judge(detector.prepare(batch), detector.model)
+        flagged.append(verdict.anomalous)
+    return detector, np.array(flagged), truth
+
+
+@pytest.mark.parametrize("rate", [0.002, 0.02, 0.06])
+def test_the_flagged_share_follows_the_true_anomaly_rate(rate: float) -> None:
+    # A share set by --contamination flagged about 0.2% of events whatever the rate.
+    _, flagged, truth = run_fleet(rate)
+    assert flagged.mean() == pytest.approx(truth.mean(), rel=0.25)
+    assert (flagged & truth).sum() >= 0.9 * truth.sum()
+    # About 1.2 expected (1 per 10,000 of ~12,000 normal events); the first model is
+    # fitted on 2,000 rows, so its tail is rough.
+    assert (flagged & ~truth).sum() <= 6
+
+
+def test_anomalies_never_pull_the_threshold_into_their_own_scores() -> None:
+    detector, _, _ = run_fleet(0.06)
+    model = detector.model
+    assert model is not None
+    outliers = [Event("s3", 0.0, (1000.0 * (1 + 0.05 * 8), 1000.0), {})] * 20
+    verdict = Detector.score(detector.prepare(outliers, create_sources=False), model)
+    assert verdict.anomalous.all()
+    # Nothing 8 sd out ever entered the history the forest was fitted on.
+    assert detector.history.snapshot()[:, -1].max() <= detector.settings.outlier_z
+
+
+def test_a_cold_start_batch_with_outliers_does_not_teach_the_statistics_with_them() -> None:
+    clean_batches, _ = fleet_with_outliers(0.0, seed=5)
+    dirty_batches, truth = fleet_with_outliers(0.03, seed=5)
+    clean, dirty = Detector(2), Detector(2)
+    # The whole hold in one batch, as a backlog read at start gives it.
+    clean.learn_unjudged(clean.prepare([e for b in clean_batches for e in b]))
+    held = dirty.learn_unjudged(dirty.prepare([e for b in dirty_batches for e in b]))
+    assert truth.sum() > 300
+    np.testing.assert_allclose(dirty.normalizer._mean, clean.normalizer._mean, rtol=0.01)
+    # Clipped to 3 sd they still count a little; learned as they are, 3% of events 8 sd
+    # out would almost triple every variance (1 + 0.03 * 64).
+    real = clean.normalizer._count > 0
+    ratio = dirty.normalizer._var[real] / clean.normalizer._var[real]
+    assert ratio.max() < 1.6
+    assert dirty.history.snapshot()[:, -1].max() <= dirty.settings.outlier_z
+    # Held events keep the features they had when they came: the outliers stand out.
+    assert (held.features[truth.ravel(), -1] > 5.0).mean() > 0.95
+
+
+def test_what_is_reported_never_changes_what_is_learned() -> None:
+    loud, _, _ = run_fleet(0.02, FitParams(n_estimators=50, score_threshold=1e-6, seed=1))
+    quiet, _, _ = run_fleet(0.02, FLEET_FIT)
+    np.testing.assert_array_equal(loud.history.snapshot(), quiet.history.snapshot())
+    np.testing.assert_array_equal(loud.normalizer._var, quiet.normalizer._var)
+
+
+def test_a_held_batch_keeps_the_features_it_would_have_had_live() -> None:
+    batches, _ = fleet_with_outliers(0.02, seed=2)
+    events = [e for b in batches[:200] for e in b]
+    held, live = Detector(2), Detector(2)
+    prepared = held.learn_unjudged(held.prepare(events))
+    model = fit_model(np.random.default_rng(0).standard_normal((500, 3)), FitParams(),
+                      version=1, fitted_at=0.0)  # fmt: skip
+    judged, _ = live.judge(live.prepare(events), model)
+    np.testing.assert_array_equal(prepared.features, judged.features)
+    np.testing.assert_array_equal(prepared.warmed, judged.warmed)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
-from consumer.model import FitParams, History, RefitSchedule, fit_model
+from consumer.model import (
+    PER_EVENTS,
+    FitParams,
+    History,
+    RefitSchedule,
+    ScoreTail,
+    _gpd_pwm,
+    fit_model,
+)
 
 
 def normal(n: int, seed: int = 0) -> np.ndarray:
@@ -44,7 +54,7 @@ def test_contamination_sets_the_threshold_from_the_training_scores() -> None:
 
 
 def test_auto_contamination_is_the_half_way_score_and_a_fixed_threshold_wins() -> None:
-    auto = fit_model(normal(500), FitParams(contamination=None), version=1, fitted_at=0.0)
+    auto = fit_model(normal(500), FitParams(contamination="auto"), version=1, fitted_at=0.0)
     assert auto.threshold == pytest.approx(0.5)
     fixed = fit_model(normal(500), FitParams(score_threshold=0.7), version=1, fitted_at=0.0)
     assert fixed.threshold == 0.7
@@ -84,3 +94,82 @@ def test_refit_schedule() -> None:
     schedule.started(60.0, history)
     history.add(np.zeros((30, 1)))
     assert schedule.due(61.0, history)  # by new events
+
+
+@pytest.mark.parametrize(
+    ("draw", "scale", "shape"),
+    [
+        (lambda rng, n: rng.exponential(2.0, n), 2.0, 0.0),  # the Gumbel domain: shape 0
+        (lambda rng, n: rng.uniform(0.0, 3.0, n), 3.0, -1.0),  # a bounded tail
+        (lambda rng, n: 0.25 * rng.pareto(4.0, n), 0.25 / 4.0, 0.25),  # a heavy tail
+    ],
+)
+def test_probability_weighted_moments_recover_pareto_parameters(
+    draw: Callable[[np.random.Generator, int], np.ndarray], scale: float, shape: float
+) -> None:
+    got_scale, got_shape = _gpd_pwm(draw(np.random.default_rng(0), 100_000))
+    assert got_scale == pytest.approx(scale, rel=0.03)
+    assert got_shape == pytest.approx(shape, abs=0.03)
+
+
+def test_the_tail_fit_reaches_rates_below_the_empirical_quantiles() -> None:
+    sample = np.random.default_rng(1).standard_normal(200_000)
+    tail = ScoreTail.fit(sample, tail_share=0.02)
+    fresh = np.random.default_rng(2).standard_normal(2_000_000)
+    for rate in (1e-2, 1e-3, 1e-4):
+        threshold = tail.score_at(rate)
+        # The inverse of ``rate``, and what fresh normal data exceeds at about that rate.
+        assert tail.rate(np.array([threshold]))[0] == pytest.approx(rate, rel=1e-6)
+        assert (fresh > threshold).mean() == pytest.approx(rate, rel=0.35)
+
+
+def test_tail_rates_fall_with_the_score_from_one_to_zero() -> None:
+    tail = ScoreTail.fit(np.random.default_rng(3).uniform(0.3, 0.7, 10_000))
+    rates = tail.rate(np.linspace(0.0, 1.0, 101))
+    assert rates[0] == 1.0
+    assert (np.diff(rates) <= 0).all()
+    assert rates[-1] == 0.0  # beyond a bounded tail's end: never from normal data
+
+
+def test_a_small_sample_never_gets_a_heavier_than_exponential_tail() -> None:
+    # 40 excesses of a 2,000-row sample can look heavy-tailed by chance; scores and
+    # z-scores never are, and a heavy fit would extrapolate past every real outlier.
+    tail = ScoreTail.fit(0.25 * np.random.default_rng(0).pareto(4.0, 2_000))
+    assert tail.shape == 0.0
+
+
+def detector_rows(n: int, seed: int = 0) -> np.ndarray:
+    """Rows laid out as the detector's features: z-scores, then their largest |z|."""
+    z = np.random.default_rng(seed).standard_normal((n, 3))
+    return np.hstack([z, np.abs(z).max(axis=1, keepdims=True)])
+
+
+def test_the_budget_sets_both_thresholds_and_is_the_rate_at_them() -> None:
+    model = fit_model(detector_rows(20_000), FitParams(false_alarm_rate=2.0, seed=1), version=1,
+                      fitted_at=0.0)  # fmt: skip
+    assert model.budget == 2.0
+    assert model.z_tail is not None
+    # Each test gets half the budget; an event at either threshold is at the budget.
+    at_score = model.false_alarm_rates(np.array([model.threshold]))
+    assert at_score[0] == pytest.approx(1.0)
+    edge = np.array([[model.z_threshold, 0.0, 0.0, model.z_threshold]])
+    assert model.false_alarm_rates(model.score(edge), edge)[0] <= 2.0 + 1e-9
+    fresh = detector_rows(200_000, seed=2)
+    _, anomalous, rates = model.judge(fresh)
+    assert anomalous.mean() * PER_EVENTS == pytest.approx(2.0, rel=0.5)
+    np.testing.assert_array_equal(anomalous, rates <= 2.0 + 1e-9)
+
+
+def test_overrides_decide_by_the_score_alone() -> None:
+    rows = detector_rows(5_000)
+    for params in (FitParams(contamination=0.01), FitParams(score_threshold=0.6)):
+        model = fit_model(rows, params, version=1, fitted_at=0.0)
+        assert model.budget is None
+        scores, anomalous, _ = model.judge(rows)
+        np.testing.assert_array_equal(anomalous, scores > model.threshold)
+
+
+def test_raw_features_have_no_largest_z_test() -> None:
+    model = fit_model(normal(3_000), FitParams(seed=1), version=1, fitted_at=0.0)
+    assert model.z_tail is None
+    assert model.false_alarm_rates(np.array([model.threshold]))[0] == pytest.approx(1.0)

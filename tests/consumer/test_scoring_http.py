@@ -57,7 +57,7 @@ def fitted(features: tuple[str, ...]) -> FakeLive:
             for s in range(SOURCES)
         ]
         batch = detector.prepare(events)
-        detector.learn(batch, np.zeros(len(batch), dtype=bool))
+        detector.learn(batch)
     training, version = detector.training_set(NOW)
     detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=NOW))
     return FakeLive(EventParser(features), detector)

@@ -55,7 +55,7 @@ def test_reads_never_mix_statistics_from_before_and_after_an_update() -> None:
                 events.append(STABLE)
             with live.state_lock:
                 prepared = detector.prepare(events)
-                detector.learn(prepared, np.zeros(len(events), dtype=bool))
+                detector.learn(prepared)
 
     writer = threading.Thread(target=write)
     writer.start()
