@@ -243,18 +243,18 @@ class ScoreError(Exception):
 
 
 def nab_scores(
-    nab_dir: Path, name: str, results: Path, python: str, category: str | None = None
+    nab_dir: Path, name: str, results: Path, python: str, categories: Sequence[str] = ()
 ) -> dict[str, float]:
     """NAB's final (normalised) score per profile for ``name``'s result files.
 
     On the whole corpus, the corpus's own ``score`` script when it has one; otherwise,
-    and for one category, what that script does: NAB's ``run.py`` on a copy of the
-    data and labels (the category alone, so the null detector and the normalisation
-    are that category's), with its results and thresholds in a temporary folder.
+    and for some ``categories``, what that script does: NAB's ``run.py`` on a copy of
+    the data and labels (those categories alone, so the null detector and the
+    normalisation are theirs), with its results and thresholds in a temporary folder.
     """
     script = nab_dir / "score"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    if category is None and script.is_file():
+    if not categories and script.is_file():
         done = subprocess.run(
             [str(script), name, str(results), python],
             capture_output=True,
@@ -266,7 +266,7 @@ def nab_scores(
     with tempfile.TemporaryDirectory(prefix="nab-score-") as tmp:
         work = Path(tmp)
         windows = json.loads((nab_dir / "labels" / "combined_windows.json").read_text())
-        keys = sorted(k for k in windows if category is None or k.startswith(f"{category}/"))
+        keys = sorted(k for k in windows if not categories or k.split("/")[0] in categories)
         for key in keys:
             cat, file = key.split("/", 1)
             (work / "data" / cat).mkdir(parents=True, exist_ok=True)
@@ -389,6 +389,7 @@ def report(
     python: str,
     *,
     per_category: bool,
+    categories: Sequence[str] = (),
 ) -> str:
     """Write each variant's result files, score them, and lay out the tables."""
     overall: list[tuple[str, Sequence[float]]] = []
@@ -397,16 +398,20 @@ def report(
         results = out_dir / "results"
         chosen = scores.raw if name == RAW_NAME else scores.published
         write_results(results, name, corpus, chosen)
-        found = nab_scores(nab_dir, name, results, python)
+        found = nab_scores(nab_dir, name, results, python, categories)
         overall.append((label, [found[p] for p in PROFILES]))
         if per_category:
             # NAB normalises by the perfect score less the null detector's; on a category
             # with no label window both are 0 and the score is undefined (NaN in NAB).
             with_windows = {s.category for s in corpus if s.windows}
             for category in sorted(with_windows):
-                found = nab_scores(nab_dir, name, results, python, category)
+                found = nab_scores(nab_dir, name, results, python, [category])
                 by_category.append((f"{category}, {label}", [found[p] for p in PROFILES]))
     text = table([*overall, *published_table(nab_dir)])
+    if categories:
+        text += (
+            f"\n\n(this run: {', '.join(categories)} only; the published rows: the whole corpus)"
+        )
     if by_category:
         text += "\n\nPer category (NAB's scorer on each category alone):\n\n"
         text += table(by_category, first="category, detector")
@@ -512,7 +517,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         text = report(
-            corpus, nab_dir, out_dir, variants, args.python, per_category=not args.no_per_category
+            corpus,
+            nab_dir,
+            out_dir,
+            variants,
+            args.python,
+            per_category=not args.no_per_category,
+            categories=args.category,
         )
     except ScoreError as exc:
         print(f"nab: NAB's scorer failed:\n{exc}", file=sys.stderr)

@@ -215,24 +215,21 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
 
 
-async def read_all(bootstrap: str, topic: str) -> list[bytes]:
+async def read_all(bootstrap: str, topic: str, partitions: int = 1) -> list[bytes]:
     """Every record value of a topic up to its end offsets as of now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    # Measured: with aiokafka's default reset ("latest") this consumer never got a record
+    # after seek_to_beginning, and waited forever.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
-        partitions = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        if not partitions:
-            await consumer.topics()
-            partitions = [
-                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-            ]
-        consumer.assign(partitions)
-        end = await consumer.end_offsets(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        assigned = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(assigned)
+        end = await consumer.end_offsets(assigned)
+        await consumer.seek_to_beginning(*assigned)
         values: list[bytes] = []
-        remaining = {tp for tp in partitions if end[tp] > 0}
+        remaining = {tp for tp in assigned if end[tp] > 0}
         while remaining:
             fetched = await consumer.getmany(*remaining, timeout_ms=1000)
             for tp, records in fetched.items():
