@@ -25,12 +25,8 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +37,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
+from producer_sim.detector_process import DetectorProcess
 from producer_sim.nab import ROOT, Scores, Series, interleave, join_anomalies
 
 logger = logging.getLogger(__name__)
@@ -66,13 +63,6 @@ def record(series: Series, row: int) -> tuple[bytes, bytes]:
         "metrics": {"value": float(series.values[row])},
     }
     return series.key.encode(), orjson.dumps(doc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Broker:
@@ -104,49 +94,22 @@ class Broker:
             self._script("stop")
 
 
-class Service:
-    """``python -m consumer`` as a subprocess, its log in the output folder."""
+def check_alive(service: DetectorProcess) -> None:
+    if not service.alive:
+        raise LiveError(
+            f"the service exited; the end of {service.log_path}:\n{service.log()[-1500:]}"
+        )
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        self.port = free_port()
-        self.args = [*args, "--metrics-host", "127.0.0.1", "--metrics-port", str(self.port)]
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consumer", *self.args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def check_alive(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-1500:]
-            raise LiveError(f"the service exited; the end of {self.log_path}:\n{tail}")
-
-    def metric(self, name: str) -> float | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            return None
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
+def stop(service: DetectorProcess) -> int | None:
+    """SIGTERM (the service finishes its window and commits), kill -9 after a minute."""
+    if not service.alive:
+        return None if service.proc is None else service.proc.returncode
+    try:
+        return service.terminate(timeout_seconds=60)
+    except subprocess.TimeoutExpired:
+        service.kill()
         return None
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=30)
 
 
 async def create_topics(bootstrap: str, names: Sequence[str], partitions: Sequence[int]) -> None:
@@ -241,10 +204,10 @@ async def read_all(bootstrap: str, topic: str, partitions: int = 1) -> list[byte
         await consumer.stop()
 
 
-async def wait_for(what: str, timeout_seconds: float, service: Service, check: Any) -> None:
+async def wait_for(what: str, timeout_seconds: float, service: DetectorProcess, check: Any) -> None:
     deadline = time.monotonic() + timeout_seconds
     while not await check():
-        service.check_alive()
+        check_alive(service)
         if time.monotonic() > deadline:
             raise LiveError(f"timed out after {timeout_seconds:.0f} s waiting for {what}")
         await asyncio.sleep(0.5)
@@ -259,15 +222,16 @@ async def live(
         topics = [f"nab-{token}-metrics", f"nab-{token}-anomalies", f"nab-{token}-dlq"]
         group = f"nab-{token}"
         await create_topics(broker.bootstrap, topics, [args.partitions, 1, 1])
-        service = Service(
-            [
+        service = DetectorProcess(
+            out_dir,
+            "service",
+            *[
                 "--bootstrap-servers", broker.bootstrap,
                 "--input-topic", topics[0], "--output-topic", topics[1], "--dlq-topic", topics[2],
                 "--group-id", group,
                 "--max-event-age-seconds", REPLAY_MAX_EVENT_AGE_SECONDS,
                 *service_args,
             ],
-            out_dir / "service.log",
         )  # fmt: skip
         placed: Placed = {}
         try:
@@ -294,7 +258,7 @@ async def live(
                 "the service to commit every event", COMMIT_TIMEOUT_SECONDS, service, all_committed
             )
         finally:
-            code = service.stop()
+            code = stop(service)
             if code not in (None, 0):
                 logger.warning("the service exited with status %s (see %s)", code, service.log_path)
         anomalies = [orjson.loads(v) for v in await read_all(broker.bootstrap, topics[1])]
