@@ -19,6 +19,7 @@ from producer_sim.nab import (
     join_anomalies,
     load_corpus,
     offline,
+    per_series,
     published_table,
     read_series,
     write_results,
@@ -189,3 +190,20 @@ def test_replay_judges_the_cold_start_batches_only_when_holding(
     judged = list(replay(Detector(1, settings), batches, hold_cold_start=hold))
     assert [j.batch for j in judged] == list(range(first_judged, 4))
     assert all(len(j.verdict.scores) == 40 for j in judged)
+
+
+def test_per_series_counts_windows_found_and_anomalies_outside_after_probation() -> None:
+    rows = 20
+    csv = "timestamp,value\n" + "".join(f"2015-01-01 {h:02d}:00:00,1\n" for h in range(rows))
+    windows = [
+        ["2015-01-01 05:00:00", "2015-01-01 07:00:00"],
+        ["2015-01-01 12:00:00", "2015-01-01 13:00:00"],
+    ]
+    series = read_series("cat/a.csv", csv, windows)
+    published = np.zeros(rows)
+    # Row 1 is in the probationary 15% (rows 0-2): not counted. Rows 5 and 6 hit the first
+    # window; rows 9 and 19 are outside; the second window is missed.
+    published[[1, 5, 6, 9, 19]] = 0.9
+    assert per_series([series], {series.key: published}).splitlines()[2] == (
+        "| cat/a.csv | 20 | 2 | 1 | 2 | 2 |"
+    )
