@@ -324,9 +324,12 @@ def table(rows: Sequence[tuple[str, Sequence[float]]], first: str = "detector") 
 # -- pictures -----------------------------------------------------------------------------
 
 
-def draw(corpus: Sequence[Series], scores: Scores, out_dir: Path, title: str) -> list[Path]:
+def draw(
+    corpus: Sequence[Series], scores: Scores, out_dir: Path, title: str, *, raw_known: bool = True
+) -> list[Path]:
     """One PNG per series: values with the label windows shaded, the probationary 15%
-    marked, published detections as red dots; below, every row's raw forest score."""
+    marked, published detections as red dots; below, every row's raw forest score (or,
+    live, where the service publishes no other, the published scores)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,7 +369,7 @@ def draw(corpus: Sequence[Series], scores: Scores, out_dir: Path, title: str) ->
         )
         bottom.plot(when, raw, lw=0.5, color="black")
         bottom.scatter(when[hit], raw[hit], color="red", s=6, zorder=3)
-        bottom.set_ylabel("forest score", fontsize=8)
+        bottom.set_ylabel("forest score" if raw_known else "published score", fontsize=8)
         bottom.set_ylim(0.3, 1.0)
         bottom.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))  # type: ignore[no-untyped-call]
         fig.tight_layout()
@@ -522,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     print(f"detection took {time.perf_counter() - started:.1f} s")
     if not args.no_plots:
-        paths = draw(corpus, scores, out_dir, f"{args.mode}, published anomalies")
+        title = f"{args.mode}, published anomalies"
+        paths = draw(corpus, scores, out_dir, title, raw_known=args.mode == "offline")
         print(f"{len(paths)} pictures under {out_dir / 'plots'}")
     if args.no_score:
         for _, (name, chosen) in variants.items():
