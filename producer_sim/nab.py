@@ -520,9 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except LiveError as exc:
             print(f"nab: {exc}", file=sys.stderr)
             return 1
-        variants = {
-            f"this service, {args.mode} at {args.rate:g}/s: published": (PUBLISHED_NAME, scores)
-        }
+        paced = f" at {args.rate:g}/s" if args.mode == "live" else ""
+        variants = {f"this service, {args.mode}{paced}: published": (PUBLISHED_NAME, scores)}
     print(f"detection took {time.perf_counter() - started:.1f} s")
     if not args.no_plots:
         title = f"{args.mode}, published anomalies"
