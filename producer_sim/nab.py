@@ -253,6 +253,8 @@ def nab_scores(
     normalisation are theirs), with its results and thresholds in a temporary folder.
     """
     script = nab_dir / "score"
+    # NAB's run.py runs in a temporary folder: a relative python would not be found there.
+    python = str(Path(shutil.which(python) or python).absolute())
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     if not categories and script.is_file():
         done = subprocess.run(
