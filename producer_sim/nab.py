@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -455,13 +455,19 @@ def variants_published(variants: Mapping[str, tuple[str, Scores]]) -> dict[str, 
     return next(iter(variants.values()))[1].published
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A bad option: one line naming it, status 2."""
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     service_args: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, service_args = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m producer_sim.nab",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -495,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args, service_args = parse_args(argv)
+    # The service's options are checked here in every mode (a bad one: one line, status 2).
+    config = load_config(service_args, environ={})
     nab_dir: Path = args.nab_dir.resolve()
     try:
         corpus = load_corpus(nab_dir, args.category)
@@ -508,7 +516,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f", rate {args.rate:g}/s")
     started = time.perf_counter()
     if args.mode == "offline":
-        config = load_config(service_args, environ={})
         scores = offline(corpus, config, args.rate)
         variants = {
             "this detector, offline: raw forest score": (RAW_NAME, scores),

@@ -18,6 +18,7 @@ from producer_sim.nab import (
     interleave,
     join_anomalies,
     load_corpus,
+    main,
     offline,
     per_series,
     published_table,
@@ -207,3 +208,34 @@ def test_per_series_counts_windows_found_and_anomalies_outside_after_probation()
     assert per_series([series], {series.key: published}).splitlines()[2] == (
         "| cat/a.csv | 20 | 2 | 1 | 2 | 2 |"
     )
+
+
+def test_the_command_writes_both_offline_variants(tmp_path: Path) -> None:
+    write_corpus(tmp_path, n_series=2, rows=1200, seed=4)
+    out = tmp_path / "out"
+    argv = ["offline", "--nab-dir", str(tmp_path), "--out", str(out), "--no-score", "--no-plots"]
+    assert main([*argv, "--", "--min-train", "500"]) == 0
+    written = sorted(str(p.relative_to(out / "results")) for p in out.rglob("*.csv"))
+    assert written == [
+        "cat0/forestraw_s0.csv", "cat0/published_s0.csv",
+        "cat1/forestraw_s1.csv", "cat1/published_s1.csv",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["offlin"], "invalid choice: 'offlin'"),
+        (["offline", "--rate", "0"], "--rate must be > 0"),
+        (["offline", "--", "--seed", "x"], "--seed"),
+    ],
+)
+def test_a_bad_option_stops_with_one_line_naming_it(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert message in err
