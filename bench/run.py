@@ -71,6 +71,9 @@ class Settings:
 
 QUICK = Settings(
     events=20_000,
+    # A third of the full run's sources, so that the priming events (100 a source) take
+    # every source past its warm-up and into the training history.
+    sources=100,
     prime_events=10_000,
     latency_rate=2_000.0,
     latency_warmup=3.0,

@@ -32,7 +32,7 @@ ALERT_NAME = "MetricAnomaly"
 # A firing alert ends by itself this many resends after it was last sent.
 _ENDS_AFTER_RESENDS = 4
 _TIMEOUT_SECONDS = 10.0
-_MAX_BACKOFF_SECONDS = 60.0
+_MAX_BACKOFF_SECONDS = 30.0
 # Alerts of open incidents kept at most; beyond it the oldest are dropped from the copy.
 MAX_ALERTS = 10_000
 

@@ -288,12 +288,11 @@ class Processor:
         if self.read_incidents is None:
             return
         async with self.lock:
+            # Nothing is in flight once this settled, so the scoring thread leaves the
+            # incidents alone while they are restored here, on the loop.
             await self.in_flight.settle()
             records = await self.read_incidents()
-            loop = asyncio.get_running_loop()
-            open_now = await loop.run_in_executor(
-                self.score_executor, self.incidents.restore, records
-            )
+            open_now = self.incidents.restore(records)
             self.observer.incidents([], open_now)
             if open_now:
                 logger.info("%d open incident(s) taken back from the incidents topic", open_now)

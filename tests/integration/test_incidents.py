@@ -36,9 +36,10 @@ from tests.integration.test_prometheus import binary, fetch, free_port, tail
 
 SOURCES = 10
 SHIFTED = "host-3"
+OTHER = "host-6"
 START_ATTEMPTS = 3
 INCIDENT_FLAGS = (
-    "--min-train", "300", "--contamination", "0.002", "--seed", "3",
+    "--min-train", "300", "--seed", "3",
     "--incident-quiet-events", "5", "--incident-quiet-seconds", "1",
     "--incident-update-seconds", "0.5", "--alertmanager-resend-seconds", "0.5",
 )  # fmt: skip
@@ -126,11 +127,11 @@ async def start_alertmanager(tmp_path: Path) -> AsyncIterator[StartAlertmanager]
             await server.stop()
 
 
-def round_of(rng: np.random.Generator, ts: float, shifted: bool) -> list[Any]:
+def round_of(rng: np.random.Generator, ts: float, shifted: str | None) -> list[Any]:
     records = []
     for s in range(SOURCES):
         cpu, mem = 100 + 5 * rng.standard_normal(2)
-        if shifted and f"host-{s}" == SHIFTED:
+        if f"host-{s}" == shifted:
             cpu += 30 * 5  # thirty standard deviations
         records.append(event(f"host-{s}", ts, cpu=float(cpu), mem=float(mem)))
     return records
@@ -139,7 +140,7 @@ def round_of(rng: np.random.Generator, ts: float, shifted: bool) -> list[Any]:
 async def train(service: Service, bootstrap: str, topic: str, rng: np.random.Generator) -> None:
     """A normal past for every source, until the first model is in use."""
     now = time.time()
-    records = [r for i in range(60) for r in round_of(rng, now - 60 + i, shifted=False)]
+    records = [r for i in range(60) for r in round_of(rng, now - 60 + i, shifted=None)]
     await produce(bootstrap, topic, records)
 
     async def fitted() -> bool:
@@ -153,10 +154,15 @@ async def episode(
     topic: str,
     rng: np.random.Generator,
     during: Callable[[], Awaitable[None]] | None = None,
+    source: str = SHIFTED,
 ) -> None:
-    """Live rounds (20 a second): 2.5 s with the shifted source, then 3 s normal."""
+    """Live rounds (20 a second): 2.5 s with ``source`` shifted, then 3 s normal. (A
+    young source's statistics take in a shift within about 50 events, so a second
+    episode of the same source would be found less clearly.)"""
     for i in range(110):
-        await produce(bootstrap, topic, round_of(rng, time.time(), shifted=i < 50))
+        await produce(
+            bootstrap, topic, round_of(rng, time.time(), shifted=source if i < 50 else None)
+        )
         if during is not None and i == 45:
             await during()
         await asyncio.sleep(0.05)
@@ -256,12 +262,12 @@ async def test_alertmanager_down_holds_up_no_commit_and_loses_no_incident(
             nonlocal fired
 
             async def fires() -> bool:
-                return bool(await alertmanager.alerts(SHIFTED))
+                return bool(await alertmanager.alerts(OTHER))
 
-            await eventually(fires, timeout_seconds=60, what="the alert to fire")
+            await eventually(fires, timeout_seconds=90, what="the alert to fire")
             fired = True
 
-        await episode(bootstrap, topics[0], rng, during=firing_now)
+        await episode(bootstrap, topics[0], rng, during=firing_now, source=OTHER)
         assert fired
     opened = [i for i in await incidents_of(bootstrap, topics[3]) if i["status"] == "open"]
-    assert len(opened) == 2
+    assert [i["source"] for i in opened] == [SHIFTED, OTHER]

@@ -38,7 +38,7 @@ from tests.integration.helpers import (
 )
 
 JOB = "anomaly-detector"
-VALID_EVENTS = 40
+VALID_EVENTS = 160  # 40 a source: more than one round (25) of each, so some are warm
 MIN_TRAIN = 20
 START_ATTEMPTS = 3  # a free port can be taken between choosing it and binding it
 HTTP_TIMEOUT_SECONDS = 5.0

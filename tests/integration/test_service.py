@@ -14,6 +14,7 @@ import pytest
 
 import consumer.app
 from consumer import kafka_io, pipeline
+from consumer.refit import Refitter
 from tests.conftest import Broker, TopicFactory
 from tests.integration.helpers import (
     DetectorProcess,
@@ -95,7 +96,10 @@ async def test_a_start_that_fails_half_way_closes_what_it_opened(
         return wrapper
 
     def build(*args: Any, **kwargs: Any) -> Any:
-        executors.extend(v for v in [*args, *kwargs.values()] if isinstance(v, Executor))
+        given = [*args, *kwargs.values()]
+        executors.extend(v for v in given if isinstance(v, Executor))
+        # The refitter's fitting process pool.
+        executors.extend(v._pool for v in given if isinstance(v, Refitter) and v._pool)
         if failing_step == "building the loop":
             _fail()
         return real_processor(*args, **kwargs)
