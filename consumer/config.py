@@ -202,11 +202,11 @@ OPTIONS: tuple[Option, ...] = (
         "than this many of its normal events separate one from the next",
     ),
     Option(
-        "--incident-open-at-once-rate",
+        "--incident-open-at-once-z",
         number(minimum=0.0),
-        0.01,
-        "a single anomaly whose score normal traffic exceeds less often than this many times "
-        "per 10,000 events opens an incident at once",
+        8.0,
+        "a single anomaly with a metric at least this many of its source's standard "
+        "deviations off opens an incident at once",
     ),
     Option(
         "--incident-quiet-events",
@@ -357,7 +357,7 @@ class Config:
     incidents_topic: str
     incident_open_anomalies: int
     incident_open_gap_events: int
-    incident_open_at_once_rate: float
+    incident_open_at_once_z: float
     incident_quiet_events: int
     incident_quiet_seconds: float
     incident_silent_seconds: float

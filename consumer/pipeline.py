@@ -84,7 +84,7 @@ def incident_settings(config: Config) -> IncidentSettings:
         silent_seconds=config.incident_silent_seconds,
         open_anomalies=config.incident_open_anomalies,
         open_gap_events=config.incident_open_gap_events,
-        open_at_once_rate=config.incident_open_at_once_rate,
+        open_at_once_z=config.incident_open_at_once_z,
         update_seconds=config.incident_update_seconds,
     )
 

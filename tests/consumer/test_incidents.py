@@ -12,18 +12,18 @@ SETTINGS = IncidentSettings(
     silent_seconds=100.0,
     open_anomalies=2,
     open_gap_events=3,
-    open_at_once_rate=0.01,
+    open_at_once_z=10.0,
     update_seconds=10.0,
 )
 
 
 def points(script: str, source: str = "a") -> list[Point]:
-    """One point per token "<ts><mark>": A an anomaly at rate 1, X a rare one (rate
-    0.001), . a normal event; e.g. "0A 1A 20. 21."."""
+    """One point per token "<ts><mark>": A an anomaly 4 sd out, X one 12 sd out (far
+    enough to open an incident alone), . a normal event; e.g. "0A 1A 20. 21."."""
     out = []
     for token in script.split():
         ts, mark = float(token[:-1]), token[-1]
-        rate = {"A": 1.0, "X": 0.001, ".": 50.0}[mark]
+        rate, z = {"A": (1.0, 4.0), "X": (0.001, 12.0), ".": (50.0, 0.1)}[mark]
         out.append(
             Point(
                 source,
@@ -31,7 +31,7 @@ def points(script: str, source: str = "a") -> list[Point]:
                 mark != ".",
                 score=0.5 + ts / 1000,
                 rate=rate,
-                zscores={"cpu": ts, "mem": -1.0},
+                zscores={"cpu": z, "mem": -1.0},
             )
         )
     return out
@@ -91,7 +91,7 @@ def test_a_record_carries_the_peak_and_the_metric_most_off() -> None:
             "ts": 2.0,
             "score": 0.502,
             "false_alarm_rate": 1.0,
-            "zscores": {"cpu": 2.0, "mem": -1.0},
+            "zscores": {"cpu": 4.0, "mem": -1.0},
         },
         "top_metric": "cpu",
         "open_incidents": 1,
