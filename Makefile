@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA := scripts/kafka-local
 DURATION ?= 0
+SHOW ?= incidents
 
-.PHONY: venv lint test test-tools unit integration demo bench kafka-start kafka-stop clean
+.PHONY: venv lint test test-tools unit integration demo bench eval-nab kafka-start kafka-stop clean
 
 # Reinstalled only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -39,11 +40,24 @@ integration: venv test-tools
 	$(BIN)/pytest -m integration
 
 demo: venv
-	$(BIN)/python scripts/demo.py --duration $(DURATION)
+	$(BIN)/python scripts/demo.py --duration $(DURATION) $(if $(filter anomalies,$(SHOW)),--show-anomalies)
 
 bench: venv
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.run
+
+# NAB through the detector (producer_sim/nab.py): MODE=offline (its pure parts, about
+# 4 min, mostly NAB's scorer), live (the service on the local Kafka, events paced at
+# RATE/s) or backlog. NAB_DIR is a NAB-layout corpus (the dev subset or a full clone);
+# results, pictures and scores.md go to OUT. Service options: ARGS="--seed 1".
+NAB_DIR ?= ../shared/nab
+MODE ?= offline
+OUT ?= nab-out/$(MODE)
+RATE ?= 2000
+ARGS ?=
+eval-nab: venv
+	$(BIN)/pip install --quiet -e '.[dev,eval]'
+	$(BIN)/python -m producer_sim.nab $(MODE) --nab-dir $(NAB_DIR) --out $(OUT) --rate $(RATE) -- $(ARGS)
 
 kafka-start:
 	$(KAFKA) start
@@ -52,4 +66,4 @@ kafka-stop:
 	$(KAFKA) stop
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info nab-out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import Counter
@@ -25,14 +25,15 @@ from producer_sim.report import Detection
 PRIME_CHUNK = 5000
 
 
-def bench_config(bootstrap: str, topics: tuple[str, str, str], group: str, *extra: str) -> Config:
-    input_topic, output_topic, dlq_topic = topics
+def bench_config(bootstrap: str, topics: Sequence[str], group: str, *extra: str) -> Config:
+    input_topic, output_topic, dlq_topic, incidents_topic = topics
     return load_config(
         [
             "--bootstrap-servers", bootstrap,
             "--input-topic", input_topic,
             "--output-topic", output_topic,
             "--dlq-topic", dlq_topic,
+            "--incidents-topic", incidents_topic,
             "--group-id", group,
             "--instance-id", group,
             "--metrics-host", "127.0.0.1",
@@ -127,9 +128,12 @@ async def detector_drain(
     exactly_once: bool,
 ) -> tuple[dict[str, Any], list[Detection]]:
     tag = "eos" if exactly_once else "alo"
-    topics = (input_topic, f"{prefix}-anomalies-{tag}", f"{prefix}-dlq-{tag}")
+    topics = (
+        input_topic,
+        *(f"{prefix}-{name}-{tag}" for name in ("anomalies", "dlq", "incidents")),
+    )
     await create_topics(bootstrap, [topics[1]], 8)
-    await create_topics(bootstrap, [topics[2]], 1)
+    await create_topics(bootstrap, list(topics[2:]), 1)
     guarantee = "exactly-once" if exactly_once else "at-least-once"
     config = bench_config(
         bootstrap, topics, f"{prefix}-detector-{tag}", "--processing-guarantee", guarantee

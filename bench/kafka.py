@@ -7,15 +7,16 @@ import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from bench.stream import Record, Stream, encoded
+from consumer import topic_reader as reading
 from consumer.topics import ensure_topics
 from producer_sim.run import RECORD_BATCH_BYTES, PartitionBatches
 
@@ -152,16 +153,6 @@ async def prefill(bootstrap: str, topic: str, stream: Stream, count: int) -> flo
     return time.perf_counter() - started
 
 
-async def partitions_of(bootstrap: str, topic: str) -> list[TopicPartition]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench")
-    await admin.start()
-    try:
-        (described,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    return [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-
-
 async def read_topic(
     bootstrap: str,
     topic: str,
@@ -170,33 +161,20 @@ async def read_topic(
     isolation_level: str = "read_uncommitted",
 ) -> int:
     """Feed every record of a topic, up to its end offsets as of now, to ``handle``."""
-    partitions = await partitions_of(bootstrap, topic)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        client_id="bench-reader",
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
+    count = 0
+
+    def each(tp: TopicPartition, records: Sequence[Any]) -> None:
+        nonlocal count
+        for record in records:
+            handle(record)
+        count += len(records)
+
+    await reading.read_topic(
+        bootstrap,
+        topic,
+        each,
         isolation_level=isolation_level,
+        client_id="bench-reader",
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
-    await consumer.start()
-    count = 0
-    try:
-        consumer.assign(partitions)
-        end = await consumer.end_offsets(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        pending = {tp for tp in partitions if end[tp] > 0}
-        while pending:
-            batches = await consumer.getmany(*pending, timeout_ms=500)
-            for tp, records in batches.items():
-                for record in records:
-                    if record.offset < end[tp]:
-                        handle(record)
-                        count += 1
-            for tp in list(pending):
-                if await consumer.position(tp) >= end[tp]:
-                    pending.discard(tp)
-    finally:
-        await consumer.stop()
     return count

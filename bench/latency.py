@@ -122,9 +122,9 @@ async def latency(
     prime_events: int,
     refit_seconds: float,
 ) -> dict[str, Any]:
-    topics = (f"{prefix}-lat-in", f"{prefix}-lat-anomalies", f"{prefix}-lat-dlq")
+    topics = tuple(f"{prefix}-lat-{name}" for name in ("in", "anomalies", "dlq", "incidents"))
     await create_topics(bootstrap, list(topics[:2]), 8)
-    await create_topics(bootstrap, [topics[2]], 1)
+    await create_topics(bootstrap, list(topics[2:]), 1)
     config = bench_config(
         bootstrap, topics, f"{prefix}-latency", "--refit-seconds", str(refit_seconds)
     )

@@ -73,15 +73,16 @@ async def memory(
     mark: float,
     log_dir: Path,
 ) -> dict[str, Any]:
-    topics = (f"{prefix}-mem-in", f"{prefix}-mem-anomalies", f"{prefix}-mem-dlq")
+    topics = tuple(f"{prefix}-mem-{name}" for name in ("in", "anomalies", "dlq", "incidents"))
     await create_topics(bootstrap, list(topics[:2]), 8)
-    await create_topics(bootstrap, [topics[2]], 1)
+    await create_topics(bootstrap, list(topics[2:]), 1)
     log_path = log_dir / "memory-detector.log"
     args = [
         "--bootstrap-servers", bootstrap,
         "--input-topic", topics[0],
         "--output-topic", topics[1],
         "--dlq-topic", topics[2],
+        "--incidents-topic", topics[3],
         "--group-id", f"{prefix}-memory",
         "--metrics-host", "127.0.0.1",
         "--metrics-port", str(_free_port()),

@@ -8,20 +8,23 @@ import gc
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
+from consumer.alerts import AlertSender
 from consumer.config import PROG, Config, load_config
 from consumer.http import Health, HttpServer
 from consumer.kafka_io import (
@@ -34,6 +37,7 @@ from consumer.kafka_io import (
     check_topics,
     consumer_for,
     exactly_once,
+    message_limit_bytes,
     producer_for,
     transactional_id,
 )
@@ -43,6 +47,7 @@ from consumer.pipeline import Processor, Stopping, fit_params
 from consumer.refit import Refitter
 from consumer.scoring import ScoreLimits, Scorer, load_token
 from consumer.security import RedactSecrets, SecurityError, diagnose, explain, server_ssl_context
+from consumer.topic_reader import read_topic
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class Service:
         self.metrics = DetectorMetrics(registry)
         self.health = Health()
         self.processor: Processor | None = None
+        self.alerts: AlertSender | None = None
         # /score reads the live processor, which exists only once start() made it.
         self.scorer = Scorer(
             lambda: self.processor,
@@ -103,8 +109,18 @@ class Service:
         await self.close()
 
     async def start(self) -> None:
+        """Open everything the service needs; whatever step fails, what was opened by
+        then is closed again before the error leaves. Calling it again is harmless."""
         if self.processor is not None:
             return
+        try:
+            await self._open()
+        except BaseException:
+            self.processor = None
+            await self._stack.aclose()
+            raise
+
+    async def _open(self) -> None:
         try:
             self.http.start()
         except OSError as exc:
@@ -125,15 +141,14 @@ class Service:
                 consumer = consumer_for(self.config)
                 self._stack.push_async_callback(consumer.stop)
                 await consumer.start()
-                producer = producer_for(self.config)
+            outputs = [self.config.output_topic, self.config.dlq_topic, self.config.incidents_topic]
+            await check_topics(consumer, self.config.topics)
+            limit = await message_limit_bytes(self.config, outputs)
+            with _quiet("aiokafka"):
+                producer = producer_for(self.config, max_request_size=limit)
                 self._stack.push_async_callback(producer.stop)
                 await producer.start()
-            await check_topics(
-                consumer,
-                [self.config.input_topic, self.config.output_topic, self.config.dlq_topic],
-            )
         except SecurityError as exc:
-            await self._stack.aclose()
             raise StartupError(str(exc)) from None
         except (KafkaError, OSError) as exc:
             # aiokafka reports most failures to connect as KafkaConnectionError "Unable to
@@ -142,7 +157,6 @@ class Service:
             if problem is None and isinstance(exc, KafkaConnectionError):
                 with _quiet("aiokafka"):
                     problem = await diagnose(self.config.bootstrap_servers, self.config.security)
-            await self._stack.aclose()
             if problem is not None:
                 raise StartupError(
                     f"cannot connect to Kafka at {self.config.bootstrap_servers}: {problem}"
@@ -153,15 +167,20 @@ class Service:
                     f"(--bootstrap-servers): {exc}"
                 ) from None
             raise
-        except BaseException:
-            await self._stack.aclose()
-            raise
         observer = Observer(self.metrics, self.health)
         stopping = Stopping()
         refitter = Refitter(fit_params(self.config), observer)
         await self._stack.enter_async_context(refitter)
         score_pool = ThreadPoolExecutor(1, thread_name_prefix="score")
         self._stack.callback(score_pool.shutdown, wait=True)
+        if self.config.alertmanager_url is not None:
+            scheme = "https" if self.config.metrics_tls else "http"
+            self.alerts = AlertSender(
+                self.config.alertmanager_url,
+                link=f"{scheme}://{socket.gethostname()}:{self.http.port}/",
+                resend_seconds=self.config.alertmanager_resend_seconds,
+                on_post=observer.alerts_posted,
+            )
         self.processor = Processor(
             self.config,
             consumer,
@@ -170,21 +189,35 @@ class Service:
             observer,
             score_executor=score_pool,
             stopping=stopping,
+            alerts=self.alerts,
+            read_incidents=partial(read_incidents, self.config),
         )
         consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
 
     async def run(self) -> None:
-        assert self.processor is not None, "start() first"
-        background = [
-            asyncio.create_task(self._tick()),
-            asyncio.create_task(self._watch_broker(self.processor.consumer)),
-        ]
+        """Run the stream loop and its helpers (heartbeat, broker probe, Alertmanager
+        sender) until the loop returns. If any of them fails, the others are cancelled
+        and the error leaves here: Kafka errors and ``Fenced`` as they are, anything else
+        as ``TaskFailed`` naming the task; the service is never left running half."""
+        processor = self.processor
+        assert processor is not None, "start() first"
         try:
-            await self.processor.run()
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            async with asyncio.TaskGroup() as tasks:
+                background = [
+                    tasks.create_task(_supervised("the loop heartbeat", self._tick())),
+                    tasks.create_task(
+                        _supervised("the broker probe", self._watch_broker(processor.consumer))
+                    ),
+                ]
+                if self.alerts is not None:
+                    sender = _supervised("the Alertmanager sender", self.alerts.run())
+                    background.append(tasks.create_task(sender))
+                await _supervised("the stream loop", processor.run())
+                for task in background:
+                    task.cancel()
+        except BaseExceptionGroup as group:
+            # The first failure stopped the rest; the others are its consequences.
+            raise group.exceptions[0] from None
 
     def stop(self) -> None:
         if self.processor is not None:
@@ -195,7 +228,8 @@ class Service:
 
     async def _watch_broker(self, consumer: AIOKafkaConsumer) -> None:
         """Ask the broker for metadata now and then, so /readyz tells when it is away
-        even while no record flows (a failing publish reports it too)."""
+        even while no record flows (a failing publish is a separate fact, kept by
+        delivery: reaching the broker does not mean publishing works)."""
         throttled = Throttled(logger, interval_seconds=_BROKER_CHECK_SECONDS * 2)
         while True:
             await asyncio.sleep(_BROKER_CHECK_SECONDS)
@@ -203,16 +237,16 @@ class Service:
                 async with asyncio.timeout(_BROKER_CHECK_SECONDS):
                     await consumer.topics()
             except (KafkaError, OSError, TimeoutError) as exc:
-                self.health.broker_error = f"broker unreachable: {type(exc).__name__}"
+                self.health.broker_lost(type(exc).__name__)
                 throttled.warning(
                     "Kafka at %s is unreachable (%s); retrying",
                     self.config.bootstrap_servers,
                     type(exc).__name__,
                 )
             else:
-                if self.health.broker_error is not None:
+                if self.health.broker_unreachable is not None:
                     logger.info("Kafka at %s is reachable again", self.config.bootstrap_servers)
-                self.health.broker_error = None
+                self.health.broker_back()
 
     async def _tick(self) -> None:
         """Heartbeat for /healthz and a measure of how late the loop runs timers."""
@@ -224,6 +258,22 @@ class Service:
             self.metrics.loop_lag.observe(max(0.0, now - expected))
             self.health.beat()
             expected = now + _LOOP_TICK_SECONDS
+
+
+class TaskFailed(Exception):
+    """One of the service's tasks failed unexpectedly (a bug): the service stops."""
+
+
+async def _supervised(name: str, work: Coroutine[Any, Any, None]) -> None:
+    """Run one of the service's tasks; an unexpected error becomes ``TaskFailed`` naming
+    it. Kafka errors, ``Fenced`` and ``StartupError`` keep their own one-line report."""
+    try:
+        await work
+    except (KafkaError, Fenced, StartupError):
+        raise
+    except Exception as exc:
+        logger.debug("%s failed", name, exc_info=True)
+        raise TaskFailed(f"{name} failed: {type(exc).__name__}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -278,6 +328,34 @@ def tune_gc() -> None:
     gc.set_threshold(young, middle, _FULL_COLLECTION_EVERY)
 
 
+async def read_incidents(config: Config) -> list[dict[str, Any]]:
+    """Every record of the incidents topic, oldest first per partition, as the
+    detector's own consumer would read it (read_committed in exactly-once mode)."""
+    records: list[dict[str, Any]] = []
+
+    def keep(tp: TopicPartition, batch: Sequence[Any]) -> None:
+        for record in batch:
+            try:
+                records.append(orjson.loads(record.value))
+            except (orjson.JSONDecodeError, TypeError):
+                logger.warning(
+                    "skipping an unreadable record at %s[%d]@%d of the incidents topic",
+                    tp.topic,
+                    tp.partition,
+                    record.offset,
+                )
+
+    await read_topic(
+        config.bootstrap_servers,
+        config.incidents_topic,
+        keep,
+        isolation_level="read_committed" if exactly_once(config) else "read_uncommitted",
+        client_id="anomaly-detector-incidents",
+        **config.security.client_kwargs(),
+    )
+    return records
+
+
 def _delivery(
     config: Config,
     consumer: AIOKafkaConsumer,
@@ -293,11 +371,18 @@ def _delivery(
             group_id=config.group_id,
             on_result=observer.transaction,
             should_retry=stopping.keep_retrying,
+            on_error=observer.publish_failed,
+            on_delivered=observer.published,
         )
     publisher = Publisher(
         producer, on_error=observer.publish_failed, should_retry=stopping.keep_retrying
     )
-    return AtLeastOnce(consumer, publisher, on_commit_error=observer.commit_failed)
+    return AtLeastOnce(
+        consumer,
+        publisher,
+        on_commit_error=observer.commit_failed,
+        on_delivered=observer.published,
+    )
 
 
 async def serve(config: Config) -> None:
@@ -400,5 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KafkaError as exc:
         print(f"{PROG}: error: Kafka: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except TaskFailed as exc:
+        print(f"{PROG}: error: {exc} (--log-level debug shows where)", file=sys.stderr)
         return 1
     return 0

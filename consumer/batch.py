@@ -22,10 +22,12 @@ from typing import Any, Protocol
 import numpy as np
 from aiokafka import TopicPartition
 
+from consumer.alerts import AlertSender
 from consumer.detector import Detector, Prepared, Verdict
 from consumer.events import Event, Invalid
+from consumer.incidents import IncidentTracker, Point
 from consumer.kafka_io import Message
-from consumer.messages import Record, anomaly_messages, dead_letter
+from consumer.messages import Record, anomaly_messages, dead_letter, incident_message
 from consumer.model import FittedModel
 from consumer.observer import Observer
 from consumer.windows import Batch
@@ -94,6 +96,7 @@ class Delivery(Protocol):
 class Topics:
     output: str
     dlq: str
+    incidents: str
 
 
 class Finisher:
@@ -113,8 +116,12 @@ class Finisher:
         score_executor: Executor,
         state_lock: threading.Lock,
         features: Sequence[str] | None,
+        incidents: IncidentTracker,
+        alerts: AlertSender | None = None,
     ) -> None:
         self.topics = topics
+        self.incidents = incidents
+        self.alerts = alerts
         self.delivery = delivery
         self.observer = observer
         self.score_executor = score_executor
@@ -129,28 +136,33 @@ class Finisher:
         for record, why in work.invalid:
             self.observer.invalid(why.reason)
             messages.append(dead_letter(self.topics.dlq, record, why))
+        incidents: list[dict[str, Any]] = []
         if work.events and work.verdict is None:
             assert detector is not None
             assert detector.model is not None
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            work.prepared, work.verdict, anomalies = await loop.run_in_executor(
+            work.prepared, work.verdict, anomalies, incidents = await loop.run_in_executor(
                 self.score_executor, self._judge, detector, work, detector.model
             )
             self.observer.scored(time.perf_counter() - started)
             messages.extend(anomalies)
+            messages.extend(incident_message(self.topics.incidents, r) for r in incidents)
         if not await self.delivery.deliver(messages, work.offsets()):
             return False
         self.observer.delivered(
             work.records, len(work.invalid), work.events, work.verdict, acked_at=time.time()
         )
+        self.observer.incidents(incidents, len(self.incidents.open))
+        if self.alerts is not None and incidents:
+            self.alerts.push(incidents)
         return True
 
     def _judge(
         self, detector: Detector, work: Work, model: FittedModel
-    ) -> tuple[Prepared, Verdict, list[Message]]:
+    ) -> tuple[Prepared, Verdict, list[Message], list[dict[str, Any]]]:
         """Scoring thread: prepare, score and learn (or only score a batch that learned
-        when it was held), then describe the anomalies."""
+        when it was held), then describe the anomalies and the incidents they change."""
         with self.state_lock:
             if work.prepared is None:
                 prepared, verdict = detector.judge(detector.prepare(work.events), model)
@@ -165,7 +177,30 @@ class Finisher:
             verdict,
             detected_at=time.time(),
         )
-        return prepared, verdict, messages
+        return prepared, verdict, messages, self._track(prepared, verdict)
+
+    def _track(self, prepared: Prepared, verdict: Verdict) -> list[dict[str, Any]]:
+        """Scoring thread: fold the judged batch into the incidents. Only events of
+        sources with an anomaly now or an incident (or pending anomalies) matter."""
+        events = prepared.events
+        if not events:
+            return []
+        anomalous = verdict.anomalous.tolist()
+        rates = verdict.false_alarm_rates
+        watched = self.incidents.watched
+        names = self.features
+        points = []
+        for i, event in enumerate(events):
+            if anomalous[i]:
+                zscores = None
+                if names is not None:
+                    row = prepared.features[i, : len(names)].round(3).tolist()
+                    zscores = dict(zip(names, row, strict=True))
+                points.append(Point(event.source, event.ts, True, float(verdict.scores[i]),
+                                    float(rates[i]), zscores))  # fmt: skip
+            elif event.source in watched:
+                points.append(Point(event.source, event.ts, False))
+        return self.incidents.track(points, stream_ts=max(e.ts for e in events))
 
 
 async def free_in_slices(work: Work) -> None:

@@ -1,10 +1,10 @@
 """Cold start: batches held until the first model exists.
 
 Until then nothing can be judged, so each closed window is held (parsed, its
-features prepared and learned from in the scoring thread) and nothing is committed.
-Once the first model is installed the held batches are finished in order, and the
-history is rebuilt without what that model found anomalous (``Detector.
-rejudge_history``), then refitted at once. The hold is bounded: beyond
+features prepared and learned from in the scoring thread, as they stand at each
+event) and nothing is committed. Once the first model is installed the held batches
+are scored on those features and finished in order, then the detector refits at once
+on the history grown meanwhile (``Detector.cold_start_over``). The hold is bounded: beyond
 ``max_held_events`` the loop stops fetching and forces a fit on what there is.
 Everything here runs on the event loop except what it hands to the scoring thread.
 """
@@ -19,8 +19,7 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from consumer.batch import Work
-from consumer.detector import Prepared
-from consumer.normalize import BoolArray, FloatArray
+from consumer.normalize import FloatArray
 from consumer.observer import Observer
 
 logger = logging.getLogger(__name__)
@@ -72,19 +71,13 @@ class ColdStart:
             self._held.popleft()
             self.observer.held(self.records)
 
-    async def drain(
-        self, finish: Callable[[Work], Awaitable[bool]]
-    ) -> list[tuple[Prepared, BoolArray]]:
-        """Finish every held batch in order; each one's features and what was anomalous,
-        for ``Detector.rejudge_history``. A batch whose delivery was called off stays
-        held (stopping), as does every one after it."""
-        judged: list[tuple[Prepared, BoolArray]] = []
+    async def drain(self, finish: Callable[[Work], Awaitable[bool]]) -> bool:
+        """Finish every held batch in order; False if a batch's delivery was called off
+        (stopping): it stays held, as does every one after it."""
         for work in self._take():
             if not await finish(work):
-                break
-            if work.prepared is not None and work.verdict is not None:
-                judged.append((work.prepared, work.verdict.anomalous))
-        return judged
+                return False
+        return True
 
     def warn_uncommitted(self) -> None:
         if self._held:

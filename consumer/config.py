@@ -182,6 +182,74 @@ OPTIONS: tuple[Option, ...] = (
         "events whose ts lies further ahead than this are dead-lettered",
     ),
     Option(
+        "--incidents-topic",
+        text,
+        "incidents",
+        "topic incident records go to (open, update, resolved; key = source)",
+    ),
+    Option(
+        "--incident-open-anomalies",
+        integer(minimum=1),
+        2,
+        "anomalies of one source, close together (--incident-open-gap-events), that open an "
+        "incident",
+    ),
+    Option(
+        "--incident-open-gap-events",
+        integer(minimum=1),
+        5,
+        "anomalies of one source count together toward opening an incident while fewer "
+        "than this many of its normal events separate one from the next",
+    ),
+    Option(
+        "--incident-open-at-once-rate",
+        number(minimum=0.0),
+        0.01,
+        "a single anomaly whose score normal traffic exceeds less often than this many times "
+        "per 10,000 events opens an incident at once",
+    ),
+    Option(
+        "--incident-quiet-events",
+        integer(minimum=0),
+        20,
+        "an incident resolves only once its source sent this many normal events since its "
+        "last anomaly (and --incident-quiet-seconds)",
+    ),
+    Option(
+        "--incident-quiet-seconds",
+        number(minimum=0.0),
+        30.0,
+        "an incident resolves only once this much event time has passed since its last "
+        "anomaly (and --incident-quiet-events)",
+    ),
+    Option(
+        "--incident-silent-seconds",
+        number(minimum=0.0, exclusive_min=True),
+        300.0,
+        "an open incident whose source sent nothing for this long (in the stream's event "
+        "time) resolves",
+    ),
+    Option(
+        "--incident-update-seconds",
+        number(minimum=0.0, exclusive_min=True),
+        30.0,
+        "first update of an open incident at the soonest this long after it opened; each "
+        "later one twice as long after the one before",
+    ),
+    Option(
+        "--alertmanager-url",
+        optional_text,
+        None,
+        "base URL of a Prometheus Alertmanager (e.g. http://alertmanager:9093): each "
+        "incident is sent there as an alert",
+    ),
+    Option(
+        "--alertmanager-resend-seconds",
+        number(minimum=0.1),
+        60.0,
+        "how often the alerts of open incidents are sent again",
+    ),
+    Option(
         "--processing-guarantee",
         choice("at-least-once", "exactly-once"),
         "at-least-once",
@@ -286,6 +354,16 @@ class Config:
     max_metric_abs: float
     max_event_age_seconds: float
     max_future_seconds: float
+    incidents_topic: str
+    incident_open_anomalies: int
+    incident_open_gap_events: int
+    incident_open_at_once_rate: float
+    incident_quiet_events: int
+    incident_quiet_seconds: float
+    incident_silent_seconds: float
+    incident_update_seconds: float
+    alertmanager_url: str | None
+    alertmanager_resend_seconds: float
     processing_guarantee: str
     instance_id: str
     metrics_host: str
@@ -321,13 +399,27 @@ class Config:
             )
         if self.score_token is not None and self.score_token_file is not None:
             raise OptionError("give --score-token or --score-token-file, not both")
-        if len({self.input_topic, self.output_topic, self.dlq_topic}) != 3:
-            raise OptionError("--input-topic, --output-topic and --dlq-topic must all differ")
+        if len(set(self.topics)) != len(self.topics):
+            raise OptionError(
+                "--input-topic, --output-topic, --dlq-topic and --incidents-topic must all differ"
+            )
+        if self.alertmanager_url is not None and not self.alertmanager_url.startswith(
+            ("http://", "https://")
+        ):
+            raise OptionError(
+                f"invalid value {self.alertmanager_url!r} for --alertmanager-url: "
+                "must start with http:// or https://"
+            )
         if (self.metrics_certfile is None) != (self.metrics_keyfile is None):
             raise OptionError(
                 "--metrics-certfile and --metrics-keyfile go together: give both "
                 "(they may name the same file)"
             )
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """Every topic the detector reads or writes; each must exist at start."""
+        return (self.input_topic, self.output_topic, self.dlq_topic, self.incidents_topic)
 
     @property
     def metrics_tls(self) -> bool:

@@ -244,15 +244,14 @@ class Detector:
             features[idx], warmed[idx] = part.features, part.warmed
         return replace(prepared, features=features, warmed=warmed)
 
-    def rejudge_history(self, batches: list[tuple[Prepared, BoolArray]]) -> None:
+    def cold_start_over(self) -> None:
         """After the first model judged the cold-start batches: refit at once, on the
-        history grown since the first fit.
+        history grown while they were held.
 
-        The verdicts are not used any more: ``learn_unjudged`` already kept the outliers
-        out of the history, by the same rule as any later batch, and what was reported
+        Nothing of the history is judged again: ``learn_unjudged`` already kept the
+        outliers out of it, by the same rule as any later batch, and what was reported
         never changes what is learned.
         """
-        del batches
         self.schedule.request()
 
     def _features(self, rows: IntArray, values: FloatArray) -> FloatArray:

@@ -32,17 +32,38 @@ _GET_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/"})
 
 @dataclass
 class Health:
-    """What the probes report; written by the service, read by the HTTP thread."""
+    """What the probes report; written by the service, read by the HTTP thread.
+
+    Two facts about Kafka are kept apart, each set and cleared by its own source:
+    ``broker_unreachable`` by the broker probe alone (``broker_lost``/``broker_back``),
+    ``publish_error`` by delivery alone (``publish_failed`` after a failed send or
+    transaction, ``published`` after a later successful delivery). The probe reaching
+    the broker says nothing about publishing: a deleted dead-letter topic fails every
+    send while metadata requests succeed, and readiness must not flap then.
+    """
 
     loop_heartbeat: float = field(default_factory=time.monotonic)
     assigned_partitions: int = 0
     model_version: int = 0
-    broker_error: str | None = None
+    broker_unreachable: str | None = None
+    publish_error: str | None = None
     # Set after repeated failed model fits (the fitting process keeps dying, say).
     fit_error: str | None = None
 
     def beat(self) -> None:
         self.loop_heartbeat = time.monotonic()
+
+    def broker_lost(self, reason: str) -> None:
+        self.broker_unreachable = reason
+
+    def broker_back(self) -> None:
+        self.broker_unreachable = None
+
+    def publish_failed(self, reason: str) -> None:
+        self.publish_error = reason
+
+    def published(self) -> None:
+        self.publish_error = None
 
     def live(self) -> tuple[bool, dict[str, Any]]:
         age = time.monotonic() - self.loop_heartbeat
@@ -52,14 +73,16 @@ class Health:
         checks = {
             "assigned_partitions": self.assigned_partitions,
             "model_version": self.model_version,
-            "broker_error": self.broker_error,
+            "broker_unreachable": self.broker_unreachable,
+            "publish_error": self.publish_error,
             "fit_error": self.fit_error,
         }
         ok = (
             self.assigned_partitions > 0
             and self.model_version > 0
-            and not self.broker_error
-            and not self.fit_error
+            and self.broker_unreachable is None
+            and self.publish_error is None
+            and self.fit_error is None
         )
         return ok, checks
 
@@ -95,7 +118,7 @@ _LANDING = b"""<!doctype html><html><head><title>anomaly-detector</title></head>
 <li><a href="/metrics">/metrics</a>: Prometheus metrics</li>
 <li><a href="/healthz">/healthz</a>: liveness (the event loop runs)</li>
 <li><a href="/readyz">/readyz</a>: readiness
-(partitions assigned, a model fitted, broker reachable)</li>
+(partitions assigned, a model fitted, broker reachable, publishing works)</li>
 <li>POST /score: score a JSON array of events with the live model</li>
 </ul></body></html>
 """

@@ -2,7 +2,9 @@
 
 Operators page on incidents, not on points. Per source, an incident opens on a single
 anomaly rare enough on its own (``open_at_once_rate``), or on ``open_anomalies``
-anomalies within ``open_window_seconds`` of event time; a lone borderline point, which
+anomalies with fewer than ``open_gap_events`` of the source's normal events between one
+and the next (counted in events, not seconds, so the rule means the same for a source
+that reports every 50 ms and one that reports every minute); a lone borderline point, which
 the false-alarm budget lets through now and then on normal traffic, opens nothing.
 Further anomalies update it, rate-limited: the first update comes ``update_seconds``
 after the open at the soonest, each later one twice as long after the one before, so
@@ -35,7 +37,7 @@ class IncidentSettings:
     quiet_seconds: float = 30.0
     silent_seconds: float = 300.0
     open_anomalies: int = 2
-    open_window_seconds: float = 30.0
+    open_gap_events: int = 5
     open_at_once_rate: float = 0.01
     update_seconds: float = 30.0
 
@@ -51,6 +53,12 @@ class Point:
     # Expected false alarms per 10,000 normal events at this score (calibrated).
     rate: float = math.inf
     zscores: Mapping[str, float] | None = None
+
+    @property
+    def key(self) -> tuple[float, float]:
+        """Which of two points is the worse: the higher score, then (scores saturate
+        beyond the training range) the metric further off."""
+        return self.score, max((abs(z) for z in (self.zscores or {}).values()), default=0.0)
 
 
 @dataclass
@@ -71,7 +79,7 @@ class Incident:
         self.anomalies += 1
         self.last_anomaly_at = max(self.last_anomaly_at, point.ts)
         self.quiet_events = 0
-        if point.score > self.peak.score:
+        if point.key > self.peak.key:
             self.peak = point
 
     def record(self, status: str, open_incidents: int) -> dict[str, Any]:
@@ -103,8 +111,8 @@ class Incident:
 class _Pending:
     """Anomalies of a source with no incident yet: too few to open one."""
 
-    times: list[float] = field(default_factory=list)
     points: list[Point] = field(default_factory=list)
+    normal_since: int = 0  # normal events of the source since the last of them
 
 
 def incident_id(source: str, started_at: float) -> str:
@@ -121,10 +129,19 @@ class IncidentTracker:
         self._last_seen: dict[str, float] = {}
         self.stream_ts = -math.inf
 
-    def track(self, points: Sequence[Point]) -> list[dict[str, Any]]:
-        """Fold a judged batch in (its events in arrival order); the records of every
-        state change it caused, in order."""
+    @property
+    def watched(self) -> set[str]:
+        """Sources whose normal events matter: an incident is open or anomalies pending."""
+        return self.open.keys() | self._pending.keys()
+
+    def track(
+        self, points: Sequence[Point], stream_ts: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Fold a judged batch in (its events in arrival order; ``stream_ts``, the newest
+        event time of the batch); the records of every state change it caused, in order."""
         out: list[dict[str, Any]] = []
+        if stream_ts is not None and stream_ts > self.stream_ts:
+            self.stream_ts = stream_ts
         for point in points:
             if point.anomalous:
                 self._anomaly(point, out)
@@ -138,8 +155,11 @@ class IncidentTracker:
         return out
 
     def restore(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Take back open incidents from the incidents topic (the latest record per
-        source wins); how many are open."""
+        """Start again from the incidents topic's records (the latest record per source
+        wins): what is open there is open here; how many are open."""
+        self.open.clear()
+        self._pending.clear()
+        self._last_seen.clear()
         latest: dict[str, Mapping[str, Any]] = {}
         for record in records:
             latest[record["source"]] = record
@@ -186,11 +206,9 @@ class IncidentTracker:
                 out.append(incident.record(UPDATE, len(self.open)))
             return
         pending = self._pending.setdefault(point.source, _Pending())
-        horizon = point.ts - s.open_window_seconds
-        keep = [i for i, t in enumerate(pending.times) if t >= horizon]
-        pending.times = [pending.times[i] for i in keep] + [point.ts]
-        pending.points = [pending.points[i] for i in keep] + [point]
-        if len(pending.times) < s.open_anomalies and point.rate > s.open_at_once_rate:
+        pending.points.append(point)
+        pending.normal_since = 0
+        if len(pending.points) < s.open_anomalies and point.rate > s.open_at_once_rate:
             return
         del self._pending[point.source]
         first = pending.points[0]
@@ -215,8 +233,10 @@ class IncidentTracker:
     def _normal(self, point: Point, out: list[dict[str, Any]]) -> None:
         s = self.settings
         pending = self._pending.get(point.source)
-        if pending is not None and point.ts - pending.times[-1] > s.open_window_seconds:
-            del self._pending[point.source]
+        if pending is not None:
+            pending.normal_since += 1
+            if pending.normal_since >= s.open_gap_events:
+                del self._pending[point.source]
         incident = self.open.get(point.source)
         if incident is None:
             return
@@ -234,7 +254,7 @@ class IncidentTracker:
             incident = self.open.get(source)
             if incident is not None:
                 self._resolve(incident, self.stream_ts, out)
-        for source in [s for s, p in self._pending.items() if p.times[-1] < limit]:
+        for source in [s for s, p in self._pending.items() if p.points[-1].ts < limit]:
             del self._pending[source]
 
     def _resolve(self, incident: Incident, at: float, out: list[dict[str, Any]]) -> None:

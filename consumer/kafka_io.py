@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     CommitFailedError,
+    IllegalOperation,
     IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
@@ -27,6 +30,10 @@ logger = logging.getLogger(__name__)
 _SENDS_PER_STEP = 200
 
 Headers = list[tuple[str, bytes]]
+Future = asyncio.Future[Any]
+
+# Kafka's default message.max.bytes (the largest record batch a topic takes).
+DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
 
 # A dead-letter copy that the broker refuses as too large is sent again cut to this
 # size, flagged with a header: losing the record's tail beats losing the record.
@@ -52,7 +59,36 @@ class Message:
 
     def truncated(self) -> Message:
         value = None if self.value is None else self.value[:TRUNCATED_VALUE_BYTES]
-        return replace(self, value=value, headers=[*self.headers, ("dlq.truncated", b"true")])
+        return replace(self, value=value, headers=[*self.headers, (TRUNCATED_HEADER, b"true")])
+
+    def stripped(self) -> Message:
+        """A copy that surely fits: no key, an empty value (a record needs one of the two),
+        only the headers that name where the original is (``dlq.reason``, ``dlq.topic``,
+        ``dlq.partition``, ``dlq.offset``)."""
+        kept = [(k, v) for k, v in self.headers if k in _LOCATION_HEADERS]
+        return Message(self.topic, None, b"", [*kept, (STRIPPED_HEADER, b"true")])
+
+    def smaller(self) -> Message | None:
+        """What to send instead when the broker refused this as too large; None when
+        there is nothing smaller to send (not a dead-letter copy, or stripped already).
+
+        A dead-letter copy is the original plus headers, so a record just under the
+        broker's limit no longer fits: it is cut to ``TRUNCATED_VALUE_BYTES`` first; if
+        that is still too large (huge original headers), only its location is sent.
+        """
+        names = {k for k, _ in self.headers}
+        if "dlq.reason" not in names or STRIPPED_HEADER in names:
+            return None
+        cuttable = self.value is not None and len(self.value) > TRUNCATED_VALUE_BYTES
+        if cuttable and TRUNCATED_HEADER not in names:
+            return self.truncated()
+        return self.stripped()
+
+
+TRUNCATED_HEADER = "dlq.truncated"
+# The last-resort dead-letter copy: value, key and the original headers dropped.
+STRIPPED_HEADER = "dlq.stripped"
+_LOCATION_HEADERS = frozenset({"dlq.reason", "dlq.topic", "dlq.partition", "dlq.offset"})
 
 
 class Throttled:
@@ -73,6 +109,126 @@ class Throttled:
             msg += f" ({self._suppressed} more since the last report)"
         self._log.warning(msg, *args)
         self._last, self._suppressed = now, 0
+
+
+# What a failed send may raise and is worth trying again; anything else is a bug.
+# IllegalOperation: a send in a transaction that failed (or was fenced) under it.
+_SEND_ERRORS = (KafkaError, OSError, TimeoutError, IllegalOperation)
+
+Outcome = BaseException | None
+
+
+class RetryPolicy:
+    """How both delivery modes retry a failed send: written once, used by both.
+
+    - A dead-letter copy refused as too large (by the producer's own check against
+      the topics' limit, see ``producer_for``) is replaced at once by a smaller one
+      (``Message.smaller``), without a pause and without counting as a failure: the
+      next try sends something else. There are two smaller forms, the last a few
+      hundred bytes, so this ends; should a topic refuse even that, it is a failure
+      like any other below (reported, paced, the batch held uncommitted).
+    - Any other Kafka or OS error is a failure: ``on_failure(count, error)`` hears of
+      it, a throttled warning says so, and the next try waits a backoff doubling from
+      ``first_backoff_seconds`` to ``max_backoff_seconds``, for as long as
+      ``should_retry()`` says so. What keeps an unpublished batch from being committed
+      is that the caller commits only after a try that fully succeeded.
+    - Anything else (a bug) is raised.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_failure: Callable[[int, BaseException], None],
+        should_retry: Callable[[], bool],
+        max_backoff_seconds: float = 5.0,
+        first_backoff_seconds: float = 0.1,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._on_failure = on_failure
+        self._should_retry = should_retry
+        self._first_backoff = first_backoff_seconds
+        self._max_backoff = max_backoff_seconds
+        self._sleep = sleep
+        self._throttled = Throttled(logger)
+        self._cut = Throttled(logger)
+
+    def attempts(self) -> Attempts:
+        """The retry state of one delivery (its backoff starts short)."""
+        return Attempts(self)
+
+    def _replaced(self, message: Message, smaller: Message) -> None:
+        headers = dict(message.headers)
+        self._cut.warning(
+            "dead-letter copy of %s[%s]@%s is too large for the broker; sending it %s",
+            headers.get("dlq.topic", b"?").decode(errors="replace"),
+            headers.get("dlq.partition", b"?").decode(errors="replace"),
+            headers.get("dlq.offset", b"?").decode(errors="replace"),
+            "without key, value and original headers"
+            if STRIPPED_HEADER in dict(smaller.headers)
+            else f"cut to {TRUNCATED_VALUE_BYTES} bytes",
+        )
+
+
+class Attempts:
+    """One delivery's tries: what to send next, and how long to wait before it."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._backoff = policy._first_backoff
+
+    async def again(
+        self,
+        messages: Sequence[Message],
+        outcomes: Sequence[Outcome],
+        *,
+        failed: BaseException | None = None,
+        what: str = "publishing",
+    ) -> list[Message] | None:
+        """After a try that failed, what to send in the next; None once retrying is
+        called off (then nothing more is sent and the batch stays uncommitted).
+
+        ``outcomes`` holds each message's error (None: acknowledged). ``failed`` is the
+        error of a try that failed as a whole (an aborted transaction): then every
+        message is sent again, not only the failed ones.
+        """
+        policy = self._policy
+        again: list[Message] = []
+        errors: list[BaseException] = []
+        replaced = False
+        for message, outcome in zip(messages, outcomes, strict=True):
+            if outcome is None:
+                if failed is not None:
+                    again.append(message)
+                continue
+            smaller = message.smaller() if isinstance(outcome, MessageSizeTooLargeError) else None
+            if smaller is not None:
+                policy._replaced(message, smaller)
+                again.append(smaller)
+                replaced = True
+                continue
+            if not isinstance(outcome, _SEND_ERRORS):
+                raise outcome
+            errors.append(outcome)
+            again.append(message)
+        if replaced:
+            # The next try differs from this one: no pause, and nothing to report (in a
+            # transaction, the other sends failed only because this one did).
+            return again
+        if failed is not None and not isinstance(failed, _SEND_ERRORS):
+            raise failed
+        error = errors[0] if errors else failed
+        if error is None:
+            return again  # nothing failed
+        count = len(errors) or len(messages)
+        policy._on_failure(count, error)
+        policy._throttled.warning(
+            "%s %d record(s) failed (%s: %s); retrying", what, count, type(error).__name__, error
+        )
+        if not policy._should_retry():
+            return None
+        await policy._sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, policy._max_backoff)
+        return again
 
 
 def exactly_once(config: Config) -> bool:
@@ -118,7 +274,11 @@ def producer_for(config: Config, **overrides: Any) -> AIOKafkaProducer:
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": 5,
-        "max_request_size": config.max_message_bytes + TRUNCATED_VALUE_BYTES,
+        # A record the broker refuses as too large costs an idempotent producer a gap in
+        # its sequence numbers, and every later batch to that partition then fails with
+        # OutOfOrderSequenceNumber, for good. So records are checked here, against the
+        # topics' own limit (see message_limit_bytes), before the broker sees them.
+        "max_request_size": DEFAULT_MESSAGE_MAX_BYTES,
         # A send that cannot complete fails sooner than aiokafka's 40 s, so the retry
         # loop (and its log line and error counter) reports the problem sooner.
         "request_timeout_ms": 15_000,
@@ -127,6 +287,39 @@ def producer_for(config: Config, **overrides: Any) -> AIOKafkaProducer:
         **overrides,
     }
     return AIOKafkaProducer(**settings)
+
+
+async def message_limit_bytes(config: Config, topics: Sequence[str]) -> int:
+    """The largest record batch all of ``topics`` take (the least ``max.message.bytes``),
+    or Kafka's default when the broker does not say (e.g. no DescribeConfigs right)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=config.bootstrap_servers,
+        client_id="anomaly-detector",
+        **config.security.client_kwargs(),
+    )
+    try:
+        await admin.start()
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
+        )
+        limits = [
+            int(value)
+            for response in responses
+            for _error, _message, _type, _name, entries in response.resources
+            for name, value, *_ in entries
+            if name == "max.message.bytes"
+        ]
+    except (KafkaError, OSError, ValueError) as exc:
+        logger.info(
+            "cannot read the topics' max.message.bytes (%s: %s); assuming Kafka's default %d",
+            type(exc).__name__,
+            exc,
+            DEFAULT_MESSAGE_MAX_BYTES,
+        )
+        return DEFAULT_MESSAGE_MAX_BYTES
+    finally:
+        await admin.close()
+    return min(limits, default=DEFAULT_MESSAGE_MAX_BYTES)
 
 
 async def check_topics(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> None:
@@ -143,8 +336,8 @@ async def check_topics(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> Non
 class Publisher:
     """Sends messages and returns only once the broker acknowledged every one of them.
 
-    Failed sends are retried with backoff for as long as ``should_retry()`` says so,
-    which is what keeps an unpublished batch from ever being committed.
+    Failed sends are retried as ``RetryPolicy`` says, which is what keeps an
+    unpublished batch from ever being committed.
     """
 
     def __init__(
@@ -154,61 +347,68 @@ class Publisher:
         on_error: Callable[[int, BaseException], None],
         should_retry: Callable[[], bool],
         max_backoff_seconds: float = 5.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.producer = producer
-        self._on_error = on_error
-        self._should_retry = should_retry
-        self._max_backoff = max_backoff_seconds
-        self._throttled = Throttled(logger)
+        self.retry = retry or RetryPolicy(
+            on_failure=on_error,
+            should_retry=should_retry,
+            max_backoff_seconds=max_backoff_seconds,
+        )
 
     async def publish(self, messages: Sequence[Message]) -> bool:
         """True once all are acknowledged; False if retrying was called off first."""
         pending = list(messages)
-        backoff = 0.1
+        attempts = self.retry.attempts()
         while pending:
-            # Hand the sends over one after another and only then wait for the acks:
-            # one waiting coroutine per message would all wake at every full batch.
-            futures = []
-            for i, message in enumerate(pending):
-                if i and i % _SENDS_PER_STEP == 0:
-                    await asyncio.sleep(0)  # see _SENDS_PER_STEP
-                futures.append(await self._enqueue(message))
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            failed: list[Message] = []
-            for message, result in zip(pending, results, strict=True):
-                if isinstance(result, MessageSizeTooLargeError) and message.value:
-                    failed.append(message.truncated())
-                elif isinstance(result, BaseException):
-                    if not isinstance(result, KafkaError | OSError | asyncio.TimeoutError):
-                        raise result
-                    failed.append(message)
-                    error = result
-            if not failed:
-                return True
-            self._on_error(len(failed), error)
-            self._throttled.warning(
-                "publishing %d record(s) failed (%s: %s); retrying",
-                len(failed),
-                type(error).__name__,
-                error,
-            )
-            if not self._should_retry():
+            outcomes = await _outcomes(await _send_all(self.producer, pending))
+            again = await attempts.again(pending, outcomes)
+            if again is None:
                 return False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._max_backoff)
-            pending = failed
+            pending = again
         return True
 
-    async def _enqueue(self, message: Message) -> asyncio.Future[Any]:
-        """The record's delivery future; a send refused at once is a failed future."""
-        try:
-            future: asyncio.Future[Any] = await self.producer.send(
-                message.topic, message.value, key=message.key, headers=message.headers
-            )
-        except (TimeoutError, KafkaError, OSError) as exc:
-            future = asyncio.get_running_loop().create_future()
-            future.set_exception(exc)
-        return future
+
+async def _send_all(producer: AIOKafkaProducer, messages: Sequence[Message]) -> list[Future]:
+    """Hand the sends over one after another and only then let the caller wait for the
+    acks: one waiting coroutine per message would all wake at every full batch."""
+    futures = []
+    for i, message in enumerate(messages):
+        if i and i % _SENDS_PER_STEP == 0:
+            await asyncio.sleep(0)  # see _SENDS_PER_STEP
+        futures.append(await _enqueue(producer, message))
+    return futures
+
+
+async def _enqueue(producer: AIOKafkaProducer, message: Message) -> Future:
+    """The record's delivery future; a send refused at once is a failed future."""
+    try:
+        future: Future = await producer.send(
+            message.topic, message.value, key=message.key, headers=message.headers
+        )
+    except _SEND_ERRORS as exc:
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(exc)
+    # If a transaction fails, its sends fail too; that is reported once, by the
+    # caller, not as "exception never retrieved" per record.
+    future.add_done_callback(_observed)
+    return future
+
+
+async def _outcomes(futures: Sequence[Future]) -> list[Outcome]:
+    """Each send's error, None for an acknowledged one."""
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    return [r if isinstance(r, BaseException) else None for r in results]
+
+
+def _settled(futures: Sequence[Future]) -> list[Outcome]:
+    """Each send's error as far as known now, without waiting (after an abort)."""
+    return [f.exception() if f.done() and not f.cancelled() else None for f in futures]
+
+
+def _observed(future: Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class AtLeastOnce:
@@ -224,26 +424,47 @@ class AtLeastOnce:
         publisher: Publisher,
         *,
         on_commit_error: Callable[[], None],
+        on_delivered: Callable[[], None] = lambda: None,
     ) -> None:
         self.consumer = consumer
         self.publisher = publisher
         self._on_commit_error = on_commit_error
+        self._on_delivered = on_delivered
 
     async def deliver(
         self, messages: Sequence[Message], offsets: dict[TopicPartition, int]
     ) -> bool:
+        """True once published and committed (a failed commit is logged: the records
+        are read again); False if retrying was called off while stopping."""
         if not await self.publisher.publish(messages):
             return False
+        self._on_delivered()
         await commit(self.consumer, offsets, self._on_commit_error)
         return True
+
+
+class _NotOwned(Exception):
+    """Raised inside a transaction to abort it: a partition of its offsets was revoked."""
 
 
 class ExactlyOnce:
     """One Kafka transaction per batch: its records and its input offsets commit
     together or not at all, so a read_committed reader sees each result once.
 
-    A failed transaction is aborted and the same batch is tried again; a fenced
-    producer (a newer instance with the same transactional id) raises ``Fenced``.
+    A failed transaction is aborted and the whole batch is tried again, as
+    ``RetryPolicy`` says (a dead-letter copy refused as too large replaced by a
+    smaller one); a fenced producer (a newer instance with the same transactional
+    id) raises ``Fenced``.
+
+    Ownership: a batch is committed only while every partition of its offsets is
+    still assigned to this instance; otherwise its transaction is aborted and
+    ``deliver`` returns False. Committing the output but not the offsets of a revoked
+    partition would let its new owner publish the same results again. Dropping the
+    whole batch is right because aiokafka uses the eager rebalance protocol: after any
+    revocation every partition, kept or not, is fetched again from its committed
+    offset, so the batch is read again and published once, by whoever owns it then.
+    (The loop's rebalance listener settles the batch in flight before a revocation
+    completes, so this is a guard, not the normal path.)
     """
 
     def __init__(
@@ -255,60 +476,72 @@ class ExactlyOnce:
         on_result: Callable[[str], None],
         should_retry: Callable[[], bool],
         max_backoff_seconds: float = 5.0,
+        on_error: Callable[[int, BaseException], None] = lambda count, error: None,
+        on_delivered: Callable[[], None] = lambda: None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.consumer = consumer
         self.producer = producer
         self.group_id = group_id
         self._on_result = on_result
-        self._should_retry = should_retry
-        self._max_backoff = max_backoff_seconds
-        self._throttled = Throttled(logger)
+        self._on_delivered = on_delivered
+        self.retry = retry or RetryPolicy(
+            on_failure=on_error,
+            should_retry=should_retry,
+            max_backoff_seconds=max_backoff_seconds,
+        )
 
     async def deliver(
         self, messages: Sequence[Message], offsets: dict[TopicPartition, int]
     ) -> bool:
-        backoff = 0.1
+        """True once the batch's transaction committed; False if it was left uncommitted:
+        retrying was called off while stopping, or a partition of ``offsets`` is no
+        longer assigned (see the class docstring)."""
+        batch = list(messages)
+        attempts = self.retry.attempts()
         while True:
-            # Offsets of partitions revoked meanwhile are never committed by this
-            # (now stale) owner: the new owner reads those records again.
-            assigned = self.consumer.assignment()
-            owned = {tp: off for tp, off in offsets.items() if tp in assigned}
-            futures: list[asyncio.Future[Any]] = []
+            if not self._owns(offsets):
+                return False
+            futures: list[Future] = []
             try:
                 async with self.producer.transaction():
-                    for m in messages:
-                        future = await self.producer.send(
-                            m.topic, m.value, key=m.key, headers=m.headers
-                        )
-                        # If the transaction fails, its sends fail too; that is reported
-                        # once, below, not as "exception never retrieved" per record.
-                        future.add_done_callback(_observed)
-                        futures.append(future)
-                    if owned:
-                        await self.producer.send_offsets_to_transaction(owned, self.group_id)
-                    await asyncio.gather(*futures)
+                    futures = await _send_all(self.producer, batch)
+                    if offsets:
+                        await self.producer.send_offsets_to_transaction(offsets, self.group_id)
+                    failed = [o for o in await _outcomes(futures) if o is not None]
+                    if failed:
+                        raise failed[0]
+                    if not self._owns(offsets):
+                        raise _NotOwned
+            except _NotOwned:
+                self._on_result("aborted")
+                return False
             except ProducerFenced as exc:
                 self._on_result("aborted")
                 raise Fenced(str(exc)) from None
-            except (TimeoutError, KafkaError, OSError) as exc:
+            except _SEND_ERRORS as exc:
                 self._on_result("aborted")
                 if self.producer._txn_manager.is_fatal_error():
                     raise Fenced(f"the transactional producer failed for good: {exc}") from None
-                self._throttled.warning(
-                    "transaction aborted (%s: %s); trying the batch again", type(exc).__name__, exc
+                again = await attempts.again(
+                    batch, _settled(futures), failed=exc, what="a transaction of"
                 )
-                if not self._should_retry():
+                if again is None:
                     return False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+                batch = again
                 continue
             self._on_result("committed")
+            self._on_delivered()
             return True
 
-
-def _observed(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+    def _owns(self, offsets: dict[TopicPartition, int]) -> bool:
+        lost = set(offsets) - self.consumer.assignment()
+        if lost:
+            logger.info(
+                "%s no longer assigned: the batch is left uncommitted for the new owner",
+                _describe({tp: offsets[tp] for tp in lost}),
+            )
+        return not lost
 
 
 async def commit(

@@ -6,8 +6,8 @@ scoring thread encodes a batch's anomalies, the loop itself encodes dead letters
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -93,3 +93,8 @@ def dead_letter(topic: str, record: Record, why: Invalid) -> Message:
         ("dlq.timestamp", str(record.timestamp).encode()),
     ]
     return Message(topic, record.key, record.value, headers)
+
+
+def incident_message(topic: str, record: Mapping[str, Any]) -> Message:
+    """An incident's state change (``consumer.incidents``), keyed by its source."""
+    return Message(topic, str(record["source"]).encode(), orjson.dumps(record), [])

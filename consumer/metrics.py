@@ -23,6 +23,7 @@ PREFIX = "anomaly_detector"
 FIT_RESULTS = ("ok", "error")
 TRANSACTION_RESULTS = ("committed", "aborted")
 ERROR_KINDS = ("publish", "commit")
+INCIDENT_STATUSES = ("open", "update", "resolved")
 # Every status /score answers with (consumer/scoring.py), so each series exists at 0.
 SCORE_CODES = ("200", "400", "401", "405", "411", "413", "429", "500", "503")
 
@@ -199,8 +200,27 @@ class DetectorMetrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self.incidents = Counter(
+            name("incidents"),
+            "Incident records published, by status (open, update, resolved).",
+            ["status"],
+            registry=r,
+        )
+        self.open_incidents = Gauge(
+            name("open_incidents"), "Incidents open on this instance's sources.", registry=r
+        )
+        self.alerts = Counter(
+            name("alertmanager_posts"),
+            "Posts of alerts to Alertmanager, by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
         for reason in REASONS:
             self.events_invalid.labels(reason)
+        for status in INCIDENT_STATUSES:
+            self.incidents.labels(status)
+        for result in ("ok", "error"):
+            self.alerts.labels(result)
         for result in FIT_RESULTS:
             self.fits.labels(result)
         for result in TRANSACTION_RESULTS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from aiokafka import TopicPartition
@@ -74,7 +75,6 @@ class Observer:
         m.batches.inc()
         m.batch_size.observe(records)
         m.events_dead_lettered.inc(dead_letters)
-        self.health.broker_error = None
         if verdict is None or not events:
             return
         m.events_scored.inc(len(verdict.scores))
@@ -85,17 +85,28 @@ class Observer:
             m.end_to_end_latency.observe(max(0.0, acked_at - events[i].ts))
         m.last_event_ts.set(max(e.ts for e in events))
 
+    def incidents(self, records: list[dict[str, Any]], open_now: int) -> None:
+        for record in records:
+            self.metrics.incidents.labels(record["status"]).inc()
+        self.metrics.open_incidents.set(open_now)
+
+    def alerts_posted(self, ok: bool) -> None:
+        self.metrics.alerts.labels("ok" if ok else "error").inc()
+
     def publish_failed(self, count: int, error: BaseException) -> None:
+        """Sends (or a transaction) failed; readiness says so until a delivery succeeds."""
         self.metrics.errors.labels("publish").inc(count)
-        self.health.broker_error = f"publishing failed: {type(error).__name__}"
+        self.health.publish_failed(f"publishing failed: {type(error).__name__}")
+
+    def published(self) -> None:
+        """A batch's records are all acknowledged (or its transaction committed)."""
+        self.health.published()
 
     def commit_failed(self) -> None:
         self.metrics.errors.labels("commit").inc()
 
     def transaction(self, result: str) -> None:
         self.metrics.transactions.labels(result).inc()
-        if result == "aborted":
-            self.health.broker_error = "a transaction was aborted"
 
     # -- the model --------------------------------------------------------------------
 

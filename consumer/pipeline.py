@@ -27,17 +27,20 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
+from consumer.alerts import AlertSender
 from consumer.batch import Delivery, Finisher, InFlight, Topics, Work, free_in_slices, tp_of
 from consumer.coldstart import ColdStart
 from consumer.config import Config
 from consumer.detector import Detector, DetectorSettings, Prepared
 from consumer.events import Event, EventParser, Invalid, Limits
+from consumer.incidents import IncidentSettings, IncidentTracker
 from consumer.messages import Record
 from consumer.model import FitParams
 from consumer.observer import Observer
@@ -71,6 +74,18 @@ def settings_from(config: Config) -> DetectorSettings:
         refit_seconds=config.refit_seconds,
         refit_events=config.refit_events,
         fit=fit_params(config),
+    )
+
+
+def incident_settings(config: Config) -> IncidentSettings:
+    return IncidentSettings(
+        quiet_events=config.incident_quiet_events,
+        quiet_seconds=config.incident_quiet_seconds,
+        silent_seconds=config.incident_silent_seconds,
+        open_anomalies=config.incident_open_anomalies,
+        open_gap_events=config.incident_open_gap_events,
+        open_at_once_rate=config.incident_open_at_once_rate,
+        update_seconds=config.incident_update_seconds,
     )
 
 
@@ -124,7 +139,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.processor.revoke(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self.processor.assigned(set(assigned))
+        await self.processor.assigned(set(assigned))
 
 
 class Processor:
@@ -140,6 +155,8 @@ class Processor:
         *,
         score_executor: Executor,
         stopping: Stopping | None = None,
+        alerts: AlertSender | None = None,
+        read_incidents: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -164,13 +181,17 @@ class Processor:
         # Held by the scoring thread while it changes the detector's statistics, and by
         # POST /score while it reads them.
         self.state_lock = threading.Lock()
+        self.incidents = IncidentTracker(incident_settings(config))
+        self.read_incidents = read_incidents
         self.finisher = Finisher(
-            Topics(config.output_topic, config.dlq_topic),
+            Topics(config.output_topic, config.dlq_topic, config.incidents_topic),
             delivery,
             observer,
             score_executor=score_executor,
             state_lock=self.state_lock,
             features=None,
+            incidents=self.incidents,
+            alerts=alerts,
         )
         self.cold = ColdStart(config.max_held_events, observer)
         self.in_flight = InFlight()
@@ -258,9 +279,24 @@ class Processor:
                     "partitions revoked: %d unprocessed records dropped uncommitted", dropped
                 )
 
-    def assigned(self, assigned: set[TopicPartition]) -> None:
+    async def assigned(self, assigned: set[TopicPartition]) -> None:
+        """Take the incidents back from their topic: this instance's sources may have
+        changed, and what was published before a crash or by another instance is the
+        record (a revocation settled every batch before this)."""
         self.observer.assigned(assigned)
         logger.info("assigned %d partition(s): %s", len(assigned), sorted(assigned))
+        if self.read_incidents is None:
+            return
+        async with self.lock:
+            await self.in_flight.settle()
+            records = await self.read_incidents()
+            loop = asyncio.get_running_loop()
+            open_now = await loop.run_in_executor(
+                self.score_executor, self.incidents.restore, records
+            )
+            self.observer.incidents([], open_now)
+            if open_now:
+                logger.info("%d open incident(s) taken back from the incidents topic", open_now)
 
     # -- batches ----------------------------------------------------------------------
 
@@ -309,36 +345,23 @@ class Processor:
         self.cold.hold(work)
 
     def _learn_unjudged(self, detector: Detector, events: list[Event]) -> Prepared:
+        """Scoring thread: the batch's features as they stand at each event, learned."""
         with self.state_lock:
-            prepared = detector.prepare(events)
-            detector.learn_unjudged(prepared)
-            return prepared
+            return detector.learn_unjudged(detector.prepare(events))
 
     async def _finish_and_free(self, work: Work) -> None:
         await self.finisher.finish(work, self.detector)
         await free_in_slices(work)
 
     async def _drain_held(self) -> None:
+        """The first model exists: score the held batches on the features they had when
+        they arrived (no hindsight: a backlog is judged as it would have been live), publish
+        and commit them in order, then refit on the history grown meanwhile."""
         detector = self.detector
         assert detector is not None
         await self.in_flight.settle()
-        loop = asyncio.get_running_loop()
-
-        async def finish(work: Work) -> bool:
-            if work.prepared is not None:
-                # Held events were prepared before their sources had any history; judge
-                # them against the statistics learned since.
-                work.prepared = await loop.run_in_executor(
-                    self.score_executor, self._prepare, detector, work.events
-                )
-            return await self.finisher.finish(work, detector)
-
-        judged = await self.cold.drain(finish)
-        await loop.run_in_executor(self.score_executor, detector.rejudge_history, judged)
-
-    def _prepare(self, detector: Detector, events: list[Event]) -> Prepared:
-        with self.state_lock:
-            return detector.prepare(events)
+        if await self.cold.drain(partial(self.finisher.finish, detector=detector)):
+            detector.cold_start_over()
 
     # -- the first model --------------------------------------------------------------
 

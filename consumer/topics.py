@@ -1,7 +1,7 @@
 """Creating the service's topics: used by the demo, the tests, and operators.
 
     python -m consumer.topics --bootstrap-servers localhost:9092 --partitions 8 \\
-        metrics anomalies metrics.dlq
+        metrics anomalies metrics.dlq incidents
 
 It connects as the detector does: the same options (and ``ANOMALY_*`` variables) for
 the bootstrap servers, TLS and SASL.

@@ -111,6 +111,12 @@ EVALUATE_OPTIONS: tuple[Option, ...] = (
     _SERVERS,
     Option("--input-topic", text, "metrics", "topic the simulator sent the events to"),
     Option("--anomalies-topic", text, "anomalies", "topic the detector published anomalies to"),
+    Option(
+        "--incidents-topic",
+        optional_text,
+        None,
+        "topic the detector published incidents to: also score incidents against episodes",
+    ),
     Option("--json", optional_text, None, "write the report as JSON to this path ('-': stdout)"),
     Option(
         "--timeout-seconds",
@@ -182,12 +188,17 @@ def parse_evaluate(
         environ=environ,
     )
     security = _security(f"{PROG} evaluate", v)
-    if v["input_topic"] == v["anomalies_topic"]:
-        fail(f"{PROG} evaluate", "--input-topic and --anomalies-topic must differ")
+    named = [v["input_topic"], v["anomalies_topic"], v["incidents_topic"]]
+    named = [t for t in named if t is not None]
+    if len(set(named)) != len(named):
+        fail(
+            f"{PROG} evaluate", "--input-topic, --anomalies-topic and --incidents-topic must differ"
+        )
     config = EvaluateConfig(
         bootstrap_servers=v["bootstrap_servers"],
         input_topic=v["input_topic"],
         anomalies_topic=v["anomalies_topic"],
+        incidents_topic=v["incidents_topic"],
         timeout_seconds=v["timeout_seconds"],
         security=security,
     )

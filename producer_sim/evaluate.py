@@ -8,9 +8,9 @@ evaluation never disturbs the detector's group and can be repeated.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
@@ -19,13 +19,21 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from consumer.security import KafkaSecurity, SecurityError
+from consumer.topic_reader import Handle, Stalled, read_to_end
 from producer_sim.errors import cannot_connect, describe
 from producer_sim.generator import HEADER_ANOMALY, HEADER_EPISODE
-from producer_sim.report import Detection, RecordKey, Report, Truth, build_report
+from producer_sim.report import (
+    Detection,
+    Incident,
+    IncidentReport,
+    RecordKey,
+    Report,
+    Truth,
+    build_incident_report,
+    build_report,
+)
 
 logger = logging.getLogger(__name__)
-
-_POLL_MS = 500
 
 
 class EvaluateError(Exception):
@@ -37,6 +45,7 @@ class EvaluateConfig:
     bootstrap_servers: str = "localhost:9092"
     input_topic: str = "metrics"
     anomalies_topic: str = "anomalies"
+    incidents_topic: str | None = None  # also score the detector's incidents
     timeout_seconds: float = 30.0  # the longest wait for records before the end offsets
     security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS and SASL
 
@@ -48,16 +57,20 @@ class Evaluation:
     report: Report
     unmatched_detections: int  # pointing at another topic or outside what was read
     unreadable_anomalies: int  # not JSON, or without a valid input/detected_at
+    incidents: IncidentReport | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.report.to_json(),
             "unmatched_detections": self.unmatched_detections,
             "unreadable_anomalies": self.unreadable_anomalies,
+            "incidents": None if self.incidents is None else asdict(self.incidents),
         }
 
     def render(self) -> str:
         lines = [self.report.render()]
+        if self.incidents is not None:
+            lines.append(self.incidents.render())
         if self.unmatched_detections or self.unreadable_anomalies:
             lines.append(
                 f"ignored: {self.unmatched_detections} anomalies pointing outside the input "
@@ -73,7 +86,10 @@ async def evaluate(config: EvaluateConfig) -> Evaluation:
     except SecurityError as exc:
         raise EvaluateError(str(exc)) from None
     await _check_topics(config, security)
-    topics = (config.input_topic, config.anomalies_topic)
+    topics: tuple[str, ...] = (config.input_topic, config.anomalies_topic)
+    incidents = IncidentReader()
+    if config.incidents_topic is not None:
+        topics = (*topics, config.incidents_topic)
     # Without a group, the consumer is assigned every partition of both topics itself.
     consumer = AIOKafkaConsumer(
         *topics,
@@ -87,9 +103,15 @@ async def evaluate(config: EvaluateConfig) -> Evaluation:
     truth = TruthReader()
     detections = _DetectionReader(config.input_topic)
     handlers = {config.input_topic: truth.add, config.anomalies_topic: detections.add}
+    if config.incidents_topic is not None:
+        handlers[config.incidents_topic] = incidents.add
     try:
         await consumer.start()
-        ranges = await _read_whole(consumer, handlers, config.timeout_seconds)
+        ranges = await read_to_end(
+            consumer, _dispatch(handlers), idle_timeout_seconds=config.timeout_seconds
+        )
+    except Stalled as exc:
+        raise EvaluateError(str(exc)) from None
     except KafkaError as exc:
         raise EvaluateError(f"reading failed: {describe(exc)}") from None
     finally:
@@ -99,10 +121,19 @@ async def evaluate(config: EvaluateConfig) -> Evaluation:
     }
     inside = [d for d in detections.detections if _within(input_ranges, d)]
     report = build_report(truth.anomalous, inside, events=truth.events)
+    incident_report = None
+    if config.incidents_topic is not None:
+        incident_report = build_incident_report(
+            truth.anomalous,
+            incidents.incidents(),
+            sources=len(truth.sources),
+            span_seconds=truth.span_seconds,
+        )
     return Evaluation(
         report,
         unmatched_detections=detections.other_topic + len(detections.detections) - len(inside),
         unreadable_anomalies=detections.unreadable,
+        incidents=incident_report,
     )
 
 
@@ -120,12 +151,24 @@ async def _check_topics(config: EvaluateConfig, security: dict[str, Any]) -> Non
     except KafkaError as exc:
         message = await cannot_connect(exc, config.bootstrap_servers, config.security)
         raise EvaluateError(message) from None
-    missing = [t for t in (config.input_topic, config.anomalies_topic) if t not in existing]
+    wanted = (config.input_topic, config.anomalies_topic, config.incidents_topic)
+    missing = [t for t in wanted if t is not None and t not in existing]
     if missing:
         raise EvaluateError(
             f"topic(s) {', '.join(repr(t) for t in missing)} do not exist on "
             f"{config.bootstrap_servers}"
         )
+
+
+def _dispatch(handlers: Mapping[str, Callable[[Any], None]]) -> Handle:
+    """Hands each record to its topic's handler."""
+
+    def handle(tp: TopicPartition, records: Sequence[Any]) -> None:
+        add = handlers[tp.topic]
+        for record in records:
+            add(record)
+
+    return handle
 
 
 def _within(ranges: dict[int, tuple[int, int]], detection: Detection) -> bool:
@@ -134,25 +177,67 @@ def _within(ranges: dict[int, tuple[int, int]], detection: Detection) -> bool:
 
 
 class TruthReader:
-    """Keeps only the anomalous input records: normal ones are just counted."""
+    """Keeps only the anomalous input records: normal ones are just counted, with the
+    sources they come from and the event time they span."""
 
     def __init__(self) -> None:
         self.events = 0
         self.anomalous: dict[RecordKey, Truth] = {}
+        self.sources: set[str] = set()
+        self.first_ts = math.inf
+        self.last_ts = -math.inf
+
+    @property
+    def span_seconds(self) -> float:
+        return max(0.0, self.last_ts - self.first_ts)
 
     def add(self, record: Any) -> None:
         self.events += 1
+        try:
+            doc = orjson.loads(record.value)
+            ts, source = float(doc["ts"]), str(doc["source"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            ts, source = record.timestamp / 1000.0, ""
+        self.sources.add(source)
+        self.first_ts, self.last_ts = min(self.first_ts, ts), max(self.last_ts, ts)
         headers = dict(record.headers or ())
         kind, episode = headers.get(HEADER_ANOMALY), headers.get(HEADER_EPISODE)
         if kind is None or episode is None:
             return
-        try:
-            ts = float(orjson.loads(record.value)["ts"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            ts = record.timestamp / 1000.0
         self.anomalous[(record.partition, record.offset)] = Truth(
-            kind.decode(), episode.decode(), ts
+            kind.decode(), episode.decode(), ts, source
         )
+
+
+class IncidentReader:
+    """The detector's incidents, each from its records on the incidents topic."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[Any, float]] = {}  # incident id -> record, opened at
+        self._last: dict[str, Any] = {}
+        self.unreadable = 0
+
+    def add(self, record: Any) -> None:
+        try:
+            doc = orjson.loads(record.value)
+            incident_id = str(doc["incident_id"])
+            float(doc["started_at"]), float(doc["last_anomaly_at"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            self.unreadable += 1
+            return
+        self._first.setdefault(incident_id, (doc, record.timestamp / 1000.0))
+        self._last[incident_id] = doc
+
+    def incidents(self) -> list[Incident]:
+        out = []
+        for incident_id, (first, opened_at) in self._first.items():
+            last = self._last[incident_id]
+            ended = last.get("resolved_at") or last["last_anomaly_at"]
+            out.append(
+                Incident(incident_id, str(first["source"]), float(first["started_at"]),
+                         float(ended), opened_at)
+            )  # fmt: skip
+        return out
 
 
 class _DetectionReader:
@@ -177,42 +262,3 @@ class _DetectionReader:
             self.other_topic += 1
             return
         self.detections.append(Detection(partition, offset, detected_at))
-
-
-async def _read_whole(
-    consumer: AIOKafkaConsumer,
-    handlers: Mapping[str, Callable[[Any], None]],
-    timeout_seconds: float,
-) -> dict[TopicPartition, tuple[int, int]]:
-    """Feed every record of the topics, up to their end offsets at start, to its handler.
-
-    Gives up when no record came for ``timeout_seconds`` (a big topic may take longer
-    than that to read). Returns each partition's [beginning, end) offsets.
-    """
-    partitions = sorted(consumer.assignment())
-    beginning = await consumer.beginning_offsets(partitions)
-    end = await consumer.end_offsets(partitions)
-    await consumer.seek_to_beginning(*partitions)
-    pending = {tp for tp in partitions if end[tp] > beginning[tp]}
-    consumer.pause(*(set(partitions) - pending))
-    deadline = time.monotonic() + timeout_seconds
-    while pending:
-        if time.monotonic() > deadline:
-            tp = min(pending)
-            position = await consumer.position(tp)
-            raise EvaluateError(
-                f"no records for {timeout_seconds:g} s while reading {tp.topic}[{tp.partition}]"
-                f" at offset {position} of {end[tp]}"
-            )
-        batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
-        if batches:
-            deadline = time.monotonic() + timeout_seconds
-        for tp, records in batches.items():
-            for record in records:
-                if record.offset < end[tp]:
-                    handlers[tp.topic](record)
-        for tp in list(pending):
-            if await consumer.position(tp) >= end[tp]:
-                pending.discard(tp)
-                consumer.pause(tp)
-    return {tp: (beginning[tp], end[tp]) for tp in partitions}

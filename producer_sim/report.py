@@ -38,6 +38,7 @@ class Truth:
     kind: str
     episode: str
     ts: float  # the event's own time, epoch seconds
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,3 +202,116 @@ def _fixed(value: float | None) -> str:
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """One incident of the detector: its source, the event time it covers, and when it
+    was published as open (wall time, from the Kafka record)."""
+
+    incident_id: str
+    source: str
+    started_at: float
+    ended_at: float  # resolved_at, or the last anomaly of one still open at the end
+    opened_at: float
+
+
+@dataclass(frozen=True)
+class IncidentReport:
+    """Incident-level scores: does each true episode get one incident, and how many
+    incidents cover nothing anomalous?
+
+    An episode is covered by an incident of its source whose span overlaps the
+    episode's event time; it counts once however many incidents cover it. An incident
+    that contains no anomalous event of its source is a false incident. Delay runs from
+    an episode's first event to the publication of its first covering incident.
+    """
+
+    episodes: int
+    covered_episodes: int
+    episode_recall: float | None
+    incidents: int
+    false_incidents: int
+    incidents_per_covered_episode: float | None
+    false_incidents_per_hour_per_100_sources: float | None
+    delay_median_seconds: float | None
+    delay_p95_seconds: float | None
+    recall_by_kind: dict[str, float | None]
+
+    def render(self) -> str:
+        per_kind = ", ".join(f"{k} {_percent(r)}" for k, r in self.recall_by_kind.items())
+        return "\n".join(
+            [
+                f"incidents: {self.incidents} ({self.false_incidents} false); episodes "
+                f"covered {self.covered_episodes} of {self.episodes} "
+                f"({_percent(self.episode_recall)}: {per_kind})",
+                f"incidents per covered episode {_fixed(self.incidents_per_covered_episode)}, "
+                f"false incidents per hour per 100 sources "
+                f"{_fixed(self.false_incidents_per_hour_per_100_sources)}, delay to open "
+                f"p50 {_seconds(self.delay_median_seconds)} "
+                f"p95 {_seconds(self.delay_p95_seconds)}",
+            ]
+        )
+
+
+def build_incident_report(
+    anomalous: Mapping[RecordKey, Truth],
+    incidents: Iterable[Incident],
+    *,
+    sources: int,
+    span_seconds: float,
+) -> IncidentReport:
+    """Score incidents against the truth; ``sources`` and ``span_seconds`` (the event
+    time the input covers) put the false incidents on a per-hour, per-100-sources scale."""
+    episodes: dict[str, tuple[str, str, float, float]] = {}  # kind, source, first, last
+    anomalous_times: dict[str, list[float]] = defaultdict(list)
+    for truth in anomalous.values():
+        kind, source, first, last = episodes.get(
+            truth.episode, (truth.kind, truth.source, truth.ts, truth.ts)
+        )
+        episodes[truth.episode] = (kind, source, min(first, truth.ts), max(last, truth.ts))
+        anomalous_times[truth.source].append(truth.ts)
+    by_source: dict[str, list[Incident]] = defaultdict(list)
+    all_incidents = list(incidents)
+    for incident in all_incidents:
+        by_source[incident.source].append(incident)
+
+    covering: dict[str, list[Incident]] = {}
+    for episode, (_, source, first, last) in episodes.items():
+        hits = [i for i in by_source[source] if i.started_at <= last and i.ended_at >= first]
+        if hits:
+            covering[episode] = hits
+    false_incidents = sum(
+        1
+        for i in all_incidents
+        if not any(i.started_at <= t <= i.ended_at for t in anomalous_times[i.source])
+    )
+    delays = [
+        min(i.opened_at for i in hits) - episodes[episode][2] for episode, hits in covering.items()
+    ]
+    kinds = sorted({k for k, *_ in episodes.values()},
+                   key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS))  # fmt: skip
+    recall_by_kind = {
+        kind: _ratio(
+            sum(1 for e in covering if episodes[e][0] == kind),
+            sum(1 for k, *_ in episodes.values() if k == kind),
+        )
+        for kind in kinds
+    }
+    hours_per_100 = span_seconds / 3600 * sources / 100
+    return IncidentReport(
+        episodes=len(episodes),
+        covered_episodes=len(covering),
+        episode_recall=_ratio(len(covering), len(episodes)),
+        incidents=len(all_incidents),
+        false_incidents=false_incidents,
+        incidents_per_covered_episode=(
+            sum(len(h) for h in covering.values()) / len(covering) if covering else None
+        ),
+        false_incidents_per_hour_per_100_sources=(
+            false_incidents / hours_per_100 if hours_per_100 > 0 else None
+        ),
+        delay_median_seconds=float(np.percentile(delays, 50)) if delays else None,
+        delay_p95_seconds=float(np.percentile(delays, 95)) if delays else None,
+        recall_by_kind=recall_by_kind,
+    )

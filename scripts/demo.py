@@ -1,7 +1,8 @@
 """The whole pipeline on one machine: local Kafka, simulator in, detector, anomalies out.
 
-    make demo                 # until Ctrl-C
+    make demo                 # until Ctrl-C; prints incidents as they open and resolve
     make demo DURATION=60     # one minute, then a clean stop
+    make demo SHOW=anomalies  # every anomalous point instead
 
 Uses the broker named by KAFKA_BOOTSTRAP_SERVERS, or starts the project's local Kafka
 (scripts/kafka-local) and stops it again at the end. Everything this starts is
@@ -18,7 +19,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer
@@ -27,7 +30,7 @@ from consumer.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
-TOPICS = ("metrics", "anomalies", "metrics.dlq")
+TOPICS = ("metrics", "anomalies", "metrics.dlq", "incidents")
 
 
 def say(message: str) -> None:
@@ -63,48 +66,77 @@ def stop(name: str, proc: subprocess.Popen[bytes]) -> None:
     say(f"{name} exited with status {proc.returncode}")
 
 
-async def show_anomalies(bootstrap: str, deadline: float | None, stop: asyncio.Event) -> int:
-    """Print anomalies as they are published, until the deadline or Ctrl-C."""
+def off_by(zscores: dict[str, float] | None) -> str:
+    """The metrics at least 3 of their source's standard deviations off."""
+    return ", ".join(f"{name} {z:+.1f} sd" for name, z in (zscores or {}).items() if abs(z) >= 3)
+
+
+def incident_line(doc: dict[str, Any]) -> str:
+    peak = doc["peak"]
+    if doc["status"] == "resolved":
+        lasted = doc["resolved_at"] - doc["started_at"]
+        return (
+            f"RESOLVED {doc['source']:<10} after {lasted:.0f}s, "
+            f"{doc['anomalies']} anomalous event(s)"
+        )
+    return (
+        f"{doc['status'].upper():<8} {doc['source']:<10} {doc['anomalies']} anomalous "
+        f"event(s), peak score {peak['score']:.3f} {off_by(peak['zscores'])}"
+    )
+
+
+def anomaly_line(doc: dict[str, Any]) -> str:
+    return (
+        f"ANOMALY  {doc['source']:<10} score {doc['score']:.3f} "
+        f"(threshold {doc['threshold']:.3f}) {off_by(doc.get('zscores'))}"
+    )
+
+
+async def show(
+    bootstrap: str, topic: str, deadline: float | None, stop: asyncio.Event
+) -> Counter[str]:
+    """Print the topic's records as they are published, until the deadline or Ctrl-C;
+    how many of each kind were shown."""
     consumer = AIOKafkaConsumer(
-        "anomalies", bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None
     )
     await consumer.start()
-    shown = 0
+    shown: Counter[str] = Counter()
     try:
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
             batch = await consumer.getmany(timeout_ms=500)
             for record in (r for records in batch.values() for r in records):
                 doc = orjson.loads(record.value)
-                off = ", ".join(
-                    f"{name} {z:+.1f} sd"
-                    for name, z in doc.get("zscores", {}).items()
-                    if abs(z) >= 3
-                )
-                print(
-                    f"ANOMALY {doc['source']:<10} score {doc['score']:.3f} "
-                    f"(threshold {doc['threshold']:.3f}) {off}",
-                    flush=True,
-                )
-                shown += 1
+                if topic == "anomalies":
+                    print(anomaly_line(doc), flush=True)
+                    shown["anomalies"] += 1
+                else:
+                    print(incident_line(doc), flush=True)
+                    shown[doc["status"]] += 1
     finally:
         await consumer.stop()
     return shown
 
 
-async def watch(bootstrap: str, duration_seconds: float) -> None:
-    say("anomalies appear below; metrics at http://127.0.0.1:8000/metrics; Ctrl-C stops")
+async def watch(bootstrap: str, duration_seconds: float, anomalies: bool) -> None:
+    what = "anomalies" if anomalies else "incidents (open, update, resolved)"
+    say(f"{what} appear below; metrics at http://127.0.0.1:8000/metrics; Ctrl-C stops")
     stop_event = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop_event.set)
     deadline = time.monotonic() + duration_seconds if duration_seconds > 0 else None
-    shown = await show_anomalies(bootstrap, deadline, stop_event)
-    say(f"{shown} anomalies shown")
+    topic = "anomalies" if anomalies else "incidents"
+    shown = await show(bootstrap, topic, deadline, stop_event)
+    say("shown: " + (", ".join(f"{n} {kind}" for kind, n in shown.items()) or "nothing"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=0, help="seconds; 0 runs until Ctrl-C")
+    parser.add_argument(
+        "--show-anomalies", action="store_true", help="print every anomalous point, not incidents"
+    )
     args = parser.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     started_broker = False
@@ -135,7 +167,7 @@ def main() -> None:
             )
         )  # fmt: skip
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(watch(bootstrap, args.duration))
+            asyncio.run(watch(bootstrap, args.duration, args.show_anomalies))
     finally:
         # The simulator first, so the detector sees the last events before it stops.
         for name, proc in reversed(children):

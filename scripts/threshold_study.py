@@ -78,7 +78,7 @@ def replay(sim: SimConfig, events: int, settings: DetectorSettings) -> Replay:
             fits.append((w + 1, training))
             if first:
                 # The service judges the held batches with the first model, then refits
-                # at once (``rejudge_history``).
+                # at once (``cold_start_over``).
                 fits[-1] = (0, training)
                 detector.schedule.request()
                 first = False

@@ -64,8 +64,34 @@ def test_readiness_needs_partitions_a_model_and_the_broker(
     health.assigned_partitions = 2
     health.model_version = 1
     assert get(server, "/readyz")[0] == 200
-    health.broker_error = "publishing failed"
+    health.publish_failed("publishing failed")
     assert get(server, "/readyz")[0] == 503
+    health.published()
+    health.fit_error = "3 model fits failed in a row"
+    assert get(server, "/readyz")[0] == 503
+
+
+def test_readiness_keeps_the_broker_probe_and_publishing_apart(
+    served: tuple[HttpServer, DetectorMetrics, Health],
+) -> None:
+    # On the old code one field held both, and the probe reaching the broker cleared a
+    # publishing failure: /readyz flapped while every send failed.
+    server, _, health = served
+    health.assigned_partitions = 2
+    health.model_version = 1
+    health.publish_failed("publishing failed: KafkaTimeoutError")
+    health.broker_back()  # the probe reaches the broker
+    status, body = get(server, "/readyz")
+    assert status == 503
+    assert orjson.loads(body)["publish_error"] == "publishing failed: KafkaTimeoutError"
+    health.broker_lost("KafkaConnectionError")
+    health.published()  # a delivery succeeded, yet the probe still finds no broker
+    status, body = get(server, "/readyz")
+    assert status == 503
+    assert orjson.loads(body)["broker_unreachable"] == "KafkaConnectionError"
+    assert orjson.loads(body)["publish_error"] is None
+    health.broker_back()
+    assert get(server, "/readyz")[0] == 200
 
 
 def test_liveness_fails_when_the_loop_stops_beating(

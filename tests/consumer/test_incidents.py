@@ -11,7 +11,7 @@ SETTINGS = IncidentSettings(
     quiet_seconds=10.0,
     silent_seconds=100.0,
     open_anomalies=2,
-    open_window_seconds=5.0,
+    open_gap_events=3,
     open_at_once_rate=0.01,
     update_seconds=10.0,
 )
@@ -48,7 +48,8 @@ def statuses(script: str, settings: IncidentSettings = SETTINGS) -> list[tuple[s
         # A lone borderline anomaly opens nothing; two within the window open one.
         ("0A 1. 2.", []),
         ("0A 3A", [("open", 0.0)]),
-        ("0A 6A", []),  # 6 s apart: beyond the 5 s window
+        ("0A 1. 2. 3. 4A", []),  # three normal events apart: too far
+        ("0A 1. 2. 3A", [("open", 0.0)]),
         # One rare enough on its own opens at once.
         ("0X", [("open", 0.0)]),
         # Resolves after 3 normal events and 10 s since the last anomaly: both needed.

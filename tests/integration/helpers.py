@@ -3,37 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import socket
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import Service
 from consumer.config import Config, load_config
+from consumer.topic_reader import read_topic
+from producer_sim.detector_process import DetectorProcess as BaseDetectorProcess
 
 Headers = list[tuple[str, bytes]]
 
 
 def detector_config(bootstrap: str, topics: Sequence[str], group: str, *extra: str) -> Config:
-    """A detector configuration for tests: loopback HTTP on a free port, short windows."""
-    input_topic, output_topic, dlq_topic = topics
+    """A detector configuration for tests: loopback HTTP on a free port, short windows.
+    ``topics``: input, output, dead-letter and incidents topics."""
+    input_topic, output_topic, dlq_topic, incidents_topic = topics
     return load_config(
         [
             "--bootstrap-servers", bootstrap,
             "--input-topic", input_topic,
             "--output-topic", output_topic,
             "--dlq-topic", dlq_topic,
+            "--incidents-topic", incidents_topic,
             "--group-id", group,
             "--metrics-host", "127.0.0.1",
             "--metrics-port", "0",
@@ -48,9 +44,12 @@ async def produce(
     bootstrap: str,
     topic: str,
     records: Sequence[tuple[bytes | None, bytes | None, Headers]],
+    **producer_options: Any,
 ) -> list[tuple[int, int]]:
     """Send (key, value, headers) records; return each one's (partition, offset)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, **producer_options
+    )
     await producer.start()
     try:
         futures = [
@@ -69,29 +68,11 @@ def event(source: str, ts: float, **metrics: float) -> tuple[bytes, bytes, Heade
 
 async def drain(bootstrap: str, topic: str, isolation_level: str = "read_uncommitted") -> list[Any]:
     """Every record of a topic, from the beginning to the end offsets as of now."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        isolation_level=isolation_level,
-        auto_offset_reset="earliest",
+    records: list[Any] = []
+    await read_topic(
+        bootstrap, topic, lambda tp, batch: records.extend(batch), isolation_level=isolation_level
     )
-    partitions = await partitions_of(bootstrap, topic)
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        end = await consumer.end_offsets(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        records = []
-        remaining = {tp for tp in partitions if end[tp] > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000)
-            for tp, recs in batch.items():
-                records.extend(recs)
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        return records
-    finally:
-        await consumer.stop()
+    return records
 
 
 # The offset helpers take the clients' security settings as `client` keyword arguments
@@ -195,73 +176,8 @@ def sample(service: Service, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class DetectorProcess:
-    """The detector as a real OS process (``python -m consumer``), for kill -9 and
-    SIGTERM tests; its log goes to a file the test can read."""
-
-    def __init__(self, log_dir: Path, name: str, *args: str) -> None:
-        self.port = free_port()
-        self.log_path = log_dir / f"{name}.log"
-        self.args = [*args, "--metrics-host", "127.0.0.1", "--metrics-port", str(self.port)]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> DetectorProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consumer", *self.args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """kill -9: no shutdown code runs."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=30)
-
-    def terminate(self, timeout_seconds: float = 60) -> int:
-        """SIGTERM and wait for the process to finish its window and exit."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout_seconds)
-
-    def metric(self, name: str, **labels: str) -> float | None:
-        """One sample from the process's /metrics; None while it does not answer."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            return None
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return float(s.value)
-        return None
-
-    def status(self, path: str) -> int | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as err:
-            return int(err.code)
-        except OSError:
-            return None
+class DetectorProcess(BaseDetectorProcess):
+    """The detector as a real OS process, for kill -9 and SIGTERM tests."""
 
     async def wait_assigned(self) -> None:
         """Until the process owns partitions: started, connected, in its group."""

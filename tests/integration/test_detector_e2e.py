@@ -51,7 +51,12 @@ def fleet(
 async def test_detects_outliers_commits_and_a_restart_rereads_nothing(
     kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str]
 ) -> None:
-    topics = [await new_topic("in", 3), await new_topic("out"), await new_topic("dlq")]
+    topics = [
+        await new_topic("in", 3),
+        await new_topic("out"),
+        await new_topic("dlq"),
+        await new_topic("incidents"),
+    ]
     group = unique("group")
     config = detector_config(
         kafka.bootstrap_servers, topics, group,

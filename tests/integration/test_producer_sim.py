@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from producer_sim.cli import amain
 from producer_sim.generator import (
@@ -21,29 +21,11 @@ from producer_sim.generator import (
     Simulator,
 )
 from tests.conftest import Broker, TopicFactory
+from tests.integration.helpers import drain
 
 COUNT = 2000
 SEED = 5
 SIM_FLAGS = ["--seed", str(SEED), "--sources", "10", "--anomaly-rate", "0.01"]
-
-
-async def read_topic(bootstrap_servers: str, topic: str) -> list[Any]:
-    """Every record of the topic, up to its end offsets now, without a consumer group."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False
-    )
-    await consumer.start()  # without a group, every partition is assigned to this consumer
-    try:
-        partitions = list(consumer.assignment())
-        end = await consumer.end_offsets(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        records: list[Any] = []
-        while len(records) < sum(end.values()):
-            batches = await consumer.getmany(timeout_ms=1000)
-            records.extend(r for rs in batches.values() for r in rs)
-        return records
-    finally:
-        await consumer.stop()
 
 
 @pytest.mark.timeout(120)
@@ -67,7 +49,7 @@ async def test_run_sends_the_contract_then_evaluate_scores_the_anomalies(
     assert code == 0
     assert capsys.readouterr().out.startswith(f"sent {COUNT} events")
 
-    records = await read_topic(servers, metrics_topic)
+    records = await drain(servers, metrics_topic)
     assert len(records) == COUNT
     assert {r.partition for r in records} == {0, 1}
     # The same seed gives the same values and truth, whatever the start time.

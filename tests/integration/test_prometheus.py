@@ -175,8 +175,8 @@ async def start_prometheus(tmp_path: Path) -> AsyncIterator[StartPrometheus]:
             if not server.exited():
                 return server
             if "address already in use" not in tail(log).lower():
-                break
-        raise AssertionError(f"Prometheus exited while starting; its log:\n{tail(log)}")
+                raise AssertionError(f"Prometheus exited while starting; its log:\n{tail(log)}")
+        raise AssertionError(f"Prometheus lost the race for a free port {START_ATTEMPTS} times")
 
     try:
         yield start
@@ -202,7 +202,12 @@ async def busy_detector(
     once the source has warmed up: a small --min-train and --warmup-events let the first
     fit happen on these few events, so that every counter moves.
     """
-    topics = [await new_topic("metrics", 2), await new_topic("anomalies"), await new_topic("dlq")]
+    topics = [
+        await new_topic("metrics", 2),
+        await new_topic("anomalies"),
+        await new_topic("dlq"),
+        await new_topic("incidents"),
+    ]
     config = detector_config(
         kafka.bootstrap_servers, topics, unique("prometheus"),
         "--min-train", str(MIN_TRAIN), "--warmup-events", "1",

@@ -34,6 +34,8 @@ from tests.integration.helpers import (
 )
 
 OWN_BROKER_PORT = 29492
+# The broker probe asks every 5 s (consumer/app.py); three of its intervals.
+PROBE_INTERVALS_SECONDS = 15.0
 
 # Publish every valid event: the accounting then sees each one on the output topic.
 SCORE_EVERYTHING = (
@@ -108,7 +110,7 @@ def detector(
         name,
         "--bootstrap-servers", kafka.bootstrap_servers,
         "--input-topic", topics[0], "--output-topic", topics[1], "--dlq-topic", topics[2],
-        "--group-id", group,
+        "--incidents-topic", topics[3], "--group-id", group,
         *SCORE_EVERYTHING,
         *extra,
     )  # fmt: skip
@@ -119,7 +121,8 @@ async def committed_total(kafka: Broker, group: str, topic: str) -> int:
 
 
 async def topics_for(new_topic: TopicFactory, partitions: int) -> list[str]:
-    return [await new_topic("in", partitions), await new_topic("out"), await new_topic("dlq")]
+    names = [await new_topic("in", partitions), await new_topic("out"), await new_topic("dlq")]
+    return [*names, await new_topic("incidents")]
 
 
 async def interrupt_and_restart(
@@ -269,7 +272,8 @@ async def test_unreachable_broker_missing_topic_and_bad_option_fail_in_one_line(
     }
     for name, (args, needle) in cases.items():
         proc = DetectorProcess(tmp_path, name.replace(" ", "-"), "--output-topic", topics[1],
-                               "--dlq-topic", topics[2], *args).start()  # fmt: skip
+                               "--dlq-topic", topics[2], "--incidents-topic", topics[3],
+                               *args).start()  # fmt: skip
         assert proc.proc is not None
         code = proc.proc.wait(timeout=90)
         errors = [line for line in proc.log().splitlines() if "error" in line.lower()]
@@ -283,7 +287,9 @@ async def test_a_failing_dead_letter_write_holds_the_commit_until_it_succeeds(
     kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     """The dead-letter topic is deleted under the running detector: the batch with a
-    bad record is not committed until the topic is back and the copy is written."""
+    bad record is not committed until the topic is back and the copy is written, and
+    /readyz says 503 all that time, though the broker answers its probe (on the old
+    code the probe cleared the publishing failure every 5 s: /readyz flapped to 200)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     topics = await topics_for(new_topic, 1)
@@ -294,6 +300,11 @@ async def test_a_failing_dead_letter_write_holds_the_commit_until_it_succeeds(
     try:
         first = await produce(kafka.bootstrap_servers, topics[0], stream_records(100))
         await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
+
+        async def ready() -> bool:
+            return proc.status("/readyz") == 200
+
+        await eventually(ready, what="the detector to be ready")
         await admin.delete_topics([topics[2]])
         second = await produce(kafka.bootstrap_servers, topics[0], stream_records(100, seed=9))
 
@@ -305,9 +316,16 @@ async def test_a_failing_dead_letter_write_holds_the_commit_until_it_succeeds(
         # The batch holding the second part's first bad record (offset 149) stays
         # uncommitted while its dead-letter copy is pending.
         assert (await committed(kafka.bootstrap_servers, group, topics[0]))[0] <= 149
-        assert proc.status("/readyz") == 503
+        loop = asyncio.get_running_loop()
+        until = loop.time() + PROBE_INTERVALS_SECONDS
+        statuses = []
+        while loop.time() < until:
+            statuses.append(proc.status("/readyz"))
+            await asyncio.sleep(0.25)
+        assert set(statuses) == {503}, statuses
         await admin.create_topics([NewTopic(topics[2], 1, 1)])
         await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
+        await eventually(ready, what="the detector to be ready again")
         assert proc.terminate() == 0
     finally:
         proc.stop_if_running()
@@ -335,7 +353,7 @@ async def test_broker_restart_mid_stream_recovers_on_its_own(
     own_broker: Broker, unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     bootstrap = own_broker.bootstrap_servers
-    topics = [unique("in"), unique("out"), unique("dlq")]
+    topics = [unique("in"), unique("out"), unique("dlq"), unique("incidents")]
     await ensure_topics(bootstrap, topics[:1], partitions=2)
     await ensure_topics(bootstrap, topics[1:])
     group = unique("group")
@@ -428,7 +446,10 @@ async def test_memory_stays_bounded_with_many_sources(
         for n in range(6):
             await produce(kafka.bootstrap_servers, topics[0], wave(n * 10_000, 10_000))
             await wait_all_committed(kafka.bootstrap_servers, group, topics[0])
-            rss.append(proc.metric("process_resident_memory_bytes") or 0.0)
+            # A missing reading fails the test: read as 0, it could hide any growth.
+            reading = proc.metric("process_resident_memory_bytes")
+            assert reading is not None, "the detector did not report its RSS"
+            rss.append(reading)
             sources = proc.metric("anomaly_detector_sources")
             assert sources is not None
             assert sources <= 2000

@@ -60,7 +60,12 @@ async def model_exists(service: Service) -> bool:
 async def test_http_scores_equal_the_stream_scores_of_the_same_events(
     kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str]
 ) -> None:
-    topics = [await new_topic("in", 2), await new_topic("out"), await new_topic("dlq")]
+    topics = [
+        await new_topic("in", 2),
+        await new_topic("out"),
+        await new_topic("dlq"),
+        await new_topic("incidents"),
+    ]
     group = unique("group")
     # Every event is published with its score: no warm-up, and a threshold every score
     # passes. Everything judged anomalous also keeps the training history empty after
@@ -118,7 +123,12 @@ async def test_http_scores_equal_the_stream_scores_of_the_same_events(
 async def test_a_flood_of_score_requests_does_not_disturb_consumption(
     kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str]
 ) -> None:
-    topics = [await new_topic("in", 3), await new_topic("out"), await new_topic("dlq")]
+    topics = [
+        await new_topic("in", 3),
+        await new_topic("out"),
+        await new_topic("dlq"),
+        await new_topic("incidents"),
+    ]
     group = unique("group")
     config = detector_config(
         kafka.bootstrap_servers, topics, group,
