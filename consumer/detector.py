@@ -62,10 +62,14 @@ class Verdict:
     false_alarm_rates: FloatArray
 
 
-def rounds(rows: IntArray, per_source: int) -> list[IntArray]:
+def rounds(rows: IntArray, per_source: int, warming: IntArray | None = None) -> list[IntArray]:
     """Positions of a batch's events split into rounds of at most ``per_source`` events
     of any one source: round r holds each source's events number r * per_source up to
     (r + 1) * per_source - 1, in batch order.
+
+    ``warming`` (per event: how many events its source still lacks to be warmed at the
+    batch's start) ends a young source's first round where its warm-up ends, so that
+    its events from then on are judged as warmed, as they would be one at a time.
 
     Each source's events keep their order across rounds, which is all its statistics
     depend on; events of different sources are independent of each other.
@@ -80,6 +84,10 @@ def rounds(rows: IntArray, per_source: int) -> list[IntArray]:
     # Within its source, an event's rank is its distance from the source's first event.
     rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
     round_of = rank // per_source
+    if warming is not None and warming.any():
+        young = warming > 0
+        past = rank - warming
+        round_of = np.where(young, np.where(past < 0, 0, 1 + past // per_source), round_of)
     if round_of.max() == 0:
         return [np.arange(n)]
     by_round = np.argsort(round_of, kind="stable")
@@ -165,7 +173,7 @@ class Detector:
         ``events_per_round`` events per source, each scored against the statistics the
         rounds before it taught.
         """
-        parts = rounds(prepared.rows, self.events_per_round)
+        parts = rounds(prepared.rows, self.events_per_round, self._warming(prepared))
         if len(parts) == 1:
             verdict = self.score(prepared, model)
             self.learn(prepared)
@@ -185,6 +193,13 @@ class Detector:
         rates = model.false_alarm_rates(scores, features)
         judged = replace(prepared, features=features, warmed=warmed)
         return judged, Verdict(scores, anomalous, model, rates)
+
+    def _warming(self, prepared: Prepared) -> IntArray:
+        """Per event, how many events its source still lacks to be warmed."""
+        missing: IntArray = np.maximum(
+            self.settings.warmup_events - self.normalizer.counts(prepared.rows), 0
+        )
+        return missing
 
     def outliers(self, prepared: Prepared) -> BoolArray:
         """Events far out by a robust, model-free measure: a warmed source's event with a
@@ -218,7 +233,7 @@ class Detector:
         statistics that learned from the whole hold), the warm-up guard applies to them,
         and an outlier in the hold teaches neither the statistics nor the history.
         """
-        parts = rounds(prepared.rows, self.events_per_round)
+        parts = rounds(prepared.rows, self.events_per_round, self._warming(prepared))
         features = np.empty_like(prepared.features)
         warmed = np.empty_like(prepared.warmed)
         for idx in parts:

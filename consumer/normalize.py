@@ -111,6 +111,12 @@ class SourceNormalizer:
         z[~known | (self._count[safe] == 0)] = 0.0
         return np.clip(z, -_Z_LIMIT, _Z_LIMIT, out=z)
 
+    def counts(self, idx: IntArray) -> IntArray:
+        """Events learned so far per source (0 for an unknown one)."""
+        known = idx >= 0
+        counts: IntArray = np.where(known, self._count[np.where(known, idx, 0)], 0)
+        return counts
+
     def warmed(self, idx: IntArray) -> BoolArray:
         """Whether each event's source had enough history to be judged."""
         known = idx >= 0

@@ -197,7 +197,8 @@ def main() -> None:
     print(f"{args.events} events, 50 sources, seed {args.seed}")
     header = (
         "| outlier z | anomaly rate | anomalous | rule | precision | recall | episode recall "
-        "| normal flagged /10k | budget | worst source /10k | " + " | ".join(KINDS) + " |"
+        "| normal flagged /10k | budget | worst source /10k | sources with a false alarm "
+        "| busiest source's share | " + " | ".join(KINDS) + " |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -214,9 +215,8 @@ def main() -> None:
                 o = rep.overall
                 fp = flagged & normal
                 share = fp.sum() / normal.sum() * PER_EVENTS
-                per_source = np.bincount(r.source[fp], minlength=50) / np.maximum(
-                    np.bincount(r.source[normal], minlength=50), 1
-                )
+                counts = np.bincount(r.source[fp], minlength=50)
+                per_source = counts / np.maximum(np.bincount(r.source[normal], minlength=50), 1)
                 recalls = [
                     rep.by_kind[k].episode_recall if k in rep.by_kind else None for k in KINDS
                 ]
@@ -225,7 +225,8 @@ def main() -> None:
                     f"| {z:g} | {rate:g} | {(~normal).mean():.2%} | {name} "
                     f"| {o.precision or 0:.3f} | {o.event_recall or 0:.3f} "
                     f"| {o.episode_recall or 0:.3f} | {share:.1f} | {budget or '-'} "
-                    f"| {per_source.max() * PER_EVENTS:.1f} | {per_kind} |",
+                    f"| {per_source.max() * PER_EVENTS:.1f} | {(counts > 0).sum()} "
+                    f"| {counts.max() / max(fp.sum(), 1):.0%} | {per_kind} |",
                     flush=True,
                 )
 

@@ -59,10 +59,11 @@ def test_cold_start_learning_fills_the_history_from_a_single_backlog_batch() -> 
     detector = Detector(2, DetectorSettings(min_train=100, warmup_events=5))
     backlog = [e for i in range(100) for e in fleet_batch(rng, 10, float(i))]
     held = detector.learn_unjudged(detector.prepare(backlog))
-    # Learned in rounds of 25 events per source: all but each source's first round were
-    # judged against statistics warmed by the rounds before.
-    assert len(detector.history) == len(backlog) - 10 * detector.events_per_round
-    assert held.warmed.sum() == len(detector.history)
+    # Learned in rounds, each source's first one ending with its warm-up: every later
+    # event was judged against statistics warmed by the rounds before.
+    assert held.warmed.sum() == len(backlog) - 10 * detector.settings.warmup_events
+    # All of them but the few far out against 5 events' statistics.
+    assert len(detector.history) >= 0.99 * held.warmed.sum()
     assert detector.fit_due(0.0)
 
 
@@ -104,6 +105,24 @@ def test_install_never_goes_back_to_an_older_version() -> None:
 )
 def test_rounds(rows: list[int], per_source: int, expected: list[list[int]]) -> None:
     got = rounds(np.array(rows, dtype=np.intp), per_source)
+    assert [r.tolist() for r in got] == expected
+
+
+@pytest.mark.parametrize(
+    ("rows", "warming", "expected"),
+    [
+        # A young source's first round ends where its warm-up does.
+        ([0, 0, 0, 0, 0, 0], [2] * 6, [[0, 1], [2, 3, 4], [5]]),
+        # Beside a warmed source, which keeps its rounds of per_source.
+        ([0, 1, 0, 1, 0, 1, 0, 1], [1, 0] * 4, [[0, 1, 3, 5], [2, 4, 6, 7]]),
+        # A warm-up longer than a round: one long first round (it is not judged).
+        ([0] * 5, [4] * 5, [[0, 1, 2, 3], [4]]),
+    ],
+)
+def test_rounds_end_a_young_sources_first_round_at_its_warm_up(
+    rows: list[int], warming: list[int], expected: list[list[int]]
+) -> None:
+    got = rounds(np.array(rows, dtype=np.intp), 3, np.array(warming, dtype=np.intp))
     assert [r.tolist() for r in got] == expected
 
 

@@ -100,8 +100,7 @@ async def test_detects_outliers_commits_and_a_restart_rereads_nothing(
         flagged.add(position[(doc["input"]["partition"], doc["input"]["offset"])])
         assert record.key == doc["source"].encode()
         assert 0 <= doc["score"] <= 1
-        # Reported: rarer on normal traffic than the default budget of 1 in 10,000 (by
-        # the forest's score, or by the largest z-score where the score saturates).
+        # The default rule: reported when rarer than the budget of 1 per 10,000.
         assert doc["false_alarm_rate"] <= 1.0
         assert doc["model"]["version"] >= 1
         assert doc["window"]["start"] <= doc["window"]["end"]

@@ -176,10 +176,9 @@ def test_offline_scores_every_row_and_flags_the_spikes(tmp_path: Path) -> None:
 def test_replay_judges_the_cold_start_batches_only_when_holding(
     hold: bool, first_judged: int
 ) -> None:
-    # Two sources, 20 events each a batch: batch 0 warms both up (20 events), each event
-    # still cold when it came; batch 1, learnt unjudged, gives the history its 40 rows,
-    # so the first fit follows it. With the hold batches 0 and 1 are judged by that
-    # model; without, they never are.
+    # Two sources, 20 events each a batch: batch 0 warms both up (20 events), batch 1,
+    # learnt unjudged against warmed statistics, gives the history its 40 rows, so the
+    # first fit follows it. With the hold both are judged by that model; without, never.
     rng = np.random.default_rng(5)
     batches = [
         (
