@@ -126,8 +126,8 @@ async def test_detects_outliers_commits_and_a_restart_rereads_nothing(
     assert (int(headers["dlq.partition"]), int(headers["dlq.offset"])) == placed[-len(live) - 1]
 
     # A restart in the same group re-reads nothing: it sees exactly what is new. (It
-    # starts without a model, so it needs enough new events to fit one: a source's events
-    # train only once it is warm, from its 26th on, so 35 of each source's 60 do.)
+    # starts without a model, so it needs enough new events to fit one: a source's
+    # events train only once it is warm, after --warmup-events of its own.)
     async with Running(config) as service:
         fresh, _ = fleet(rng, scale, rounds=60, t0=time.time())
         await produce(kafka.bootstrap_servers, topics[0], fresh)
