@@ -59,6 +59,8 @@ class Work:
     invalid: list[tuple[Record, Invalid]]
     prepared: Prepared | None = None
     verdict: Verdict | None = None
+    # Its changelog records, when taken ahead of judging (a batch held at cold start).
+    state: list[Message] | None = None
 
     @property
     def records(self) -> int:
@@ -76,6 +78,9 @@ class Work:
             [r for r, k in zip(self.event_records, keep, strict=True) if k],
             [(r, why) for r, why in self.invalid if tp_of(r) not in partitions],
             None if self.prepared is None else self.prepared.select(keep),
+            state=None
+            if self.state is None
+            else [m for m in self.state if m.partition not in {tp.partition for tp in partitions}],
         )
 
     def offsets(self) -> dict[TopicPartition, int]:
@@ -181,15 +186,7 @@ class Finisher:
                 prepared, verdict = detector.judge(detector.prepare(work.events), model)
             else:
                 prepared, verdict = work.prepared, Detector.score(work.prepared, model)
-            if self.changelog is not None:
-                records = work.event_records
-                state = self.changelog.batch_messages(
-                    detector.normalizer,
-                    [e.source for e in work.events],
-                    [r.partition for r in records],
-                    [r.offset for r in records],
-                    [e.ts for e in work.events],
-                )
+            state = work.state if work.state is not None else self.state_messages(detector, work)
         messages = anomaly_messages(
             self.topics.output,
             self.features,
@@ -200,6 +197,20 @@ class Finisher:
             detected_at=time.time(),
         )
         return prepared, verdict, messages, self._track(prepared, verdict), state
+
+    def state_messages(self, detector: Detector, work: Work) -> list[Message]:
+        """Scoring thread, under the state lock: the changelog records of a batch that
+        has just taught the statistics (none without a changelog)."""
+        if self.changelog is None:
+            return []
+        records = work.event_records
+        return self.changelog.batch_messages(
+            detector.normalizer,
+            [e.source for e in work.events],
+            [r.partition for r in records],
+            [r.offset for r in records],
+            [e.ts for e in work.events],
+        )
 
     def _track(self, prepared: Prepared, verdict: Verdict) -> list[dict[str, Any]]:
         """Scoring thread: fold the judged batch into the incidents. Only events of

@@ -44,6 +44,7 @@ from consumer.config import Config
 from consumer.detector import Detector, DetectorSettings, Prepared
 from consumer.events import Event, EventParser, Invalid, Limits
 from consumer.incidents import IncidentSettings, IncidentTracker
+from consumer.kafka_io import Message
 from consumer.messages import Record
 from consumer.model import FitParams
 from consumer.observer import Observer
@@ -511,16 +512,19 @@ class Processor:
             detector = self.detector
             assert detector is not None
             loop = asyncio.get_running_loop()
-            work.prepared = await loop.run_in_executor(
-                self.score_executor, self._learn_unjudged, detector, work.events
+            work.prepared, work.state = await loop.run_in_executor(
+                self.score_executor, self._learn_unjudged, detector, work
             )
         self.cold.hold(work)
 
-    def _learn_unjudged(self, detector: Detector, events: list[Event]) -> Prepared:
+    def _learn_unjudged(self, detector: Detector, work: Work) -> tuple[Prepared, list[Message]]:
+        """Scoring thread: learn from a held batch; its changelog records are taken now,
+        as its statistics stand after it (the batches held after it learn too before
+        it is committed, and a restore must not count those)."""
         with self.state_lock:
-            prepared = detector.prepare(events)
+            prepared = detector.prepare(work.events)
             detector.learn_unjudged(prepared)
-            return prepared
+            return prepared, self.finisher.state_messages(detector, work)
 
     async def _finish_and_free(self, work: Work) -> None:
         await self.finisher.finish(work, self.detector)
