@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from consumer.state import decode
+from consumer.topics import main as topics_main
 from tests.conftest import Broker, TopicFactory
 from tests.integration.helpers import (
     DetectorProcess,
@@ -229,3 +232,34 @@ async def test_sources_keep_their_statistics_as_instances_join_and_leave(
     written = await changelog(kafka, topics[4], "read_uncommitted")
     got = final_counts(written)
     assert got == dict(totals)
+
+
+async def test_topics_creates_the_changelog_compacted_and_a_mismatch_stops_the_detector(
+    kafka: Broker, new_topic: TopicFactory, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    bootstrap = kafka.bootstrap_servers
+    topics = await topics_for(new_topic, 2)
+    state = unique("state")
+    args = ["--bootstrap-servers", bootstrap, "--partitions", "3", "--compact", state]
+    assert await asyncio.to_thread(topics_main, args) == 0
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, state)]
+        )
+    finally:
+        await admin.close()
+    settings = {name: value for *_, entries in response.resources for name, value, *_ in entries}
+    assert settings["cleanup.policy"] == "compact"
+
+    proc = detector(tmp_path, "mismatch", kafka, topics, unique("group"), "--state-topic", state)
+    proc.start()
+    assert proc.proc is not None
+    assert proc.proc.wait(timeout=90) != 0
+    errors = [line for line in proc.log().splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.log()
+    assert "--state-topic" in errors[0]
+    assert "3 partition(s)" in errors[0]
+    assert "has 2" in errors[0]
+    assert "Traceback" not in proc.log()

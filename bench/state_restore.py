@@ -1,0 +1,132 @@
+"""Restore time, changelog size and memory per source of the per-source state.
+
+    python -m bench.state_restore --bootstrap-servers localhost:29592 \\
+        [--sources 100000] [--partitions 8] [--log-dir .kafka/run-29592/data]
+
+Writes one changelog record per source (what the detector writes after compaction,
+4 features), then restores them through the detector's own code: ``read_partitions``
+(the reader the detector uses), ``Restored.apply`` and ``Changelog.load`` into a
+``SourceNormalizer``. Reports the bytes of the records, the bytes on disk (with
+--log-dir, the broker's data directory), the restore time, and the memory the loaded
+statistics take per source (tracemalloc: the table and the partition tracker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import tracemalloc
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from bench.kafka import create_topics, delete_topics
+from consumer.normalize import SourceNormalizer
+from consumer.state import Changelog, Restored, SourceState, encode
+from consumer.topic_reader import read_partitions
+
+FEATURES = ("cpu", "mem", "latency_ms", "disk_io")
+
+
+async def write(bootstrap: str, topic: str, sources: int, partitions: int) -> int:
+    rng = np.random.default_rng(7)
+    mean = rng.normal(size=(sources, len(FEATURES))) * 100
+    var = rng.random((sources, len(FEATURES))) * 10
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20
+    )
+    await producer.start()
+    written = 0
+    try:
+        futures = []
+        for i in range(sources):
+            state = SourceState(
+                offset=1_000_000 + i,
+                ts=1_764_552_000.0 + i,
+                features=FEATURES,
+                count=10_000 + i,
+                mean=tuple(mean[i].tolist()),
+                var=tuple(var[i].tolist()),
+            )
+            key = f"host-{i:06d}".encode()
+            value = encode(state)
+            written += len(key) + len(value)
+            futures.append(await producer.send(topic, value, key=key, partition=i % partitions))
+            if len(futures) >= 5000:
+                await asyncio.gather(*futures)
+                futures = []
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return written
+
+
+async def restore(bootstrap: str, topic: str, partitions: int, sources: int) -> dict[str, Any]:
+    restored = {p: Restored(committed=2**62) for p in range(partitions)}
+
+    def handle(tp: TopicPartition, records: Sequence[Any]) -> None:
+        state = restored[tp.partition]
+        for record in records:
+            state.apply(record.key, record.value)
+
+    started = time.perf_counter()
+    await read_partitions(bootstrap, [TopicPartition(topic, p) for p in range(partitions)], handle)
+    read_seconds = time.perf_counter() - started
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    loaded_at = time.perf_counter()
+    changelog = Changelog(topic, 86_400.0)
+    changelog.features = FEATURES
+    normalizer = SourceNormalizer(len(FEATURES), max_sources=sources)
+    loaded = changelog.load(normalizer, {p: r.sources for p, r in restored.items()})
+    load_seconds = time.perf_counter() - loaded_at
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    held = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    return {
+        "sources_restored": loaded,
+        "read_seconds": round(read_seconds, 2),
+        "load_seconds": round(load_seconds, 2),
+        "restore_seconds": round(read_seconds + load_seconds, 2),
+        "memory_bytes_per_source": round(held / max(1, len(normalizer))),
+    }
+
+
+def disk_bytes(log_dir: Path, topic: str) -> int:
+    return sum(f.stat().st_size for d in log_dir.glob(f"{topic}-*") for f in d.glob("*.log"))
+
+
+async def main(args: argparse.Namespace) -> None:
+    topic = f"bench-state-{uuid.uuid4().hex[:8]}"
+    await create_topics(args.bootstrap_servers, [topic], args.partitions, compact=True)
+    try:
+        written = await write(args.bootstrap_servers, topic, args.sources, args.partitions)
+        result: dict[str, Any] = {
+            "sources": args.sources,
+            "partitions": args.partitions,
+            "features": len(FEATURES),
+            "key_and_value_bytes_per_source": round(written / args.sources),
+        }
+        if args.log_dir is not None:
+            result["log_bytes_per_source"] = round(
+                disk_bytes(Path(args.log_dir), topic) / args.sources
+            )
+        result.update(await restore(args.bootstrap_servers, topic, args.partitions, args.sources))
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    finally:
+        await delete_topics(args.bootstrap_servers, [topic])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--bootstrap-servers", default="localhost:9092")
+    parser.add_argument("--sources", type=int, default=100_000)
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--log-dir", default=None)
+    asyncio.run(main(parser.parse_args()))
