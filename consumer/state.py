@@ -23,7 +23,8 @@ be read and learned again. Everything here is pure; the loop does the Kafka side
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,10 @@ from consumer.normalize import FloatArray, IntArray, SourceNormalizer
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# The stream's time (the newest event time) decides which sources are silent; an event
+# stamped in the future (allowed up to --max-future-seconds, a day by default) would
+# make every other source look silent that long. It counts as at most this far ahead.
+_STREAM_AHEAD_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -128,20 +133,24 @@ class StateTracker:
     (event time), for the changelog records and the time-to-live. Used in the scoring
     thread under the detector's state lock."""
 
-    def __init__(self, topic: str, ttl_seconds: float) -> None:
+    def __init__(
+        self, topic: str, ttl_seconds: float, clock: Callable[[], float] = time.time
+    ) -> None:
         self.topic = topic
         self.ttl_seconds = ttl_seconds
+        self.clock = clock
         self.where: dict[str, tuple[int, float]] = {}
         self.stream_ts = 0.0
         self._swept_at = 0.0
 
     def touch(self, sources: Sequence[str], partitions: Sequence[int], ts: Sequence[float]) -> None:
         where = self.where
+        newest = self.stream_ts
         for source, partition, t in zip(sources, partitions, ts, strict=True):
             seen = where.get(source)
             where[source] = (partition, t if seen is None else max(seen[1], t))
-            if t > self.stream_ts:
-                self.stream_ts = t
+            newest = max(newest, t)
+        self.stream_ts = min(newest, max(self.stream_ts, self.clock() + _STREAM_AHEAD_SECONDS))
 
     def forget(self, sources: Sequence[str]) -> None:
         for source in sources:
@@ -213,8 +222,10 @@ class Changelog:
     """The changelog side of the detector's per-source statistics (scoring thread,
     under the state lock): the records of a judged batch, and restored state loaded."""
 
-    def __init__(self, topic: str, ttl_seconds: float) -> None:
-        self.tracker = StateTracker(topic, ttl_seconds)
+    def __init__(
+        self, topic: str, ttl_seconds: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.tracker = StateTracker(topic, ttl_seconds, clock)
         # The feature names, once the detector knows them (the first event may tell).
         self.features: tuple[str, ...] | None = None
         # Restored before the detector existed: loaded into it once it does.

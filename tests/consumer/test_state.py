@@ -173,3 +173,11 @@ def test_the_tracker_sweeps_at_most_every_tenth_of_the_ttl() -> None:
     assert tracker.expired() == [("a", 0)]
     tracker.touch(["b"], [0], [109.0])
     assert tracker.expired() == []
+
+
+def test_an_event_from_the_future_does_not_make_every_other_source_silent() -> None:
+    tracker = StateTracker("state", ttl_seconds=100, clock=lambda: 1_000.0)
+    tracker.touch(["a"], [0], [990.0])
+    tracker.touch(["skewed"], [0], [1_000.0 + 86_400])
+    assert tracker.stream_ts == 1_060.0
+    assert tracker.expired() == []
