@@ -102,25 +102,37 @@ def disk_bytes(log_dir: Path, topic: str) -> int:
     return sum(f.stat().st_size for d in log_dir.glob(f"{topic}-*") for f in d.glob("*.log"))
 
 
-async def main(args: argparse.Namespace) -> None:
-    topic = f"bench-state-{uuid.uuid4().hex[:8]}"
-    await create_topics(args.bootstrap_servers, [topic], args.partitions, compact=True)
+async def state_restore(
+    bootstrap: str, prefix: str, *, sources: int, partitions: int, log_dir: Path | None = None
+) -> dict[str, Any]:
+    """The measurement (``make bench``'s "state" section)."""
+    topic = f"{prefix}-state"
+    await create_topics(bootstrap, [topic], partitions, compact=True)
     try:
-        written = await write(args.bootstrap_servers, topic, args.sources, args.partitions)
+        written = await write(bootstrap, topic, sources, partitions)
         result: dict[str, Any] = {
-            "sources": args.sources,
-            "partitions": args.partitions,
+            "sources": sources,
+            "partitions": partitions,
             "features": len(FEATURES),
-            "key_and_value_bytes_per_source": round(written / args.sources),
+            "key_and_value_bytes_per_source": round(written / sources),
         }
-        if args.log_dir is not None:
-            result["log_bytes_per_source"] = round(
-                disk_bytes(Path(args.log_dir), topic) / args.sources
-            )
-        result.update(await restore(args.bootstrap_servers, topic, args.partitions, args.sources))
-        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        if log_dir is not None:
+            result["log_bytes_per_source"] = round(disk_bytes(log_dir, topic) / sources)
+        result.update(await restore(bootstrap, topic, partitions, sources))
+        return result
     finally:
-        await delete_topics(args.bootstrap_servers, [topic])
+        await delete_topics(bootstrap, [topic])
+
+
+async def main(args: argparse.Namespace) -> None:
+    result = await state_restore(
+        args.bootstrap_servers,
+        f"bench-{uuid.uuid4().hex[:8]}",
+        sources=args.sources,
+        partitions=args.partitions,
+        log_dir=None if args.log_dir is None else Path(args.log_dir),
+    )
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 
 if __name__ == "__main__":
