@@ -38,6 +38,7 @@ from consumer.kafka_io import (
     consumer_for,
     exactly_once,
     message_limit_bytes,
+    partition_counts,
     producer_for,
     transactional_id,
 )
@@ -148,7 +149,12 @@ class Service:
                 self.config.state_topic,
             ]
             await check_topics(consumer, self.config.topics)
-            check_state_partitions(consumer, self.config)
+            check_state_partitions(
+                await partition_counts(
+                    self.config, [self.config.input_topic, self.config.state_topic]
+                ),
+                self.config,
+            )
             limit = await message_limit_bytes(self.config, outputs)
             with _quiet("aiokafka"):
                 producer = producer_for(self.config, max_request_size=limit)
@@ -363,16 +369,16 @@ async def read_incidents(config: Config) -> list[dict[str, Any]]:
     return records
 
 
-def check_state_partitions(consumer: AIOKafkaConsumer, config: Config) -> None:
+def check_state_partitions(counts: dict[str, int], config: Config) -> None:
     """A source's state lives in the changelog partition numbered as the input partition
     its events come from, so the two topics must have as many partitions."""
-    inputs = consumer.partitions_for_topic(config.input_topic) or set()
-    state = consumer.partitions_for_topic(config.state_topic) or set()
-    if len(inputs) != len(state):
+    inputs = counts.get(config.input_topic, 0)
+    state = counts.get(config.state_topic, 0)
+    if inputs != state:
         raise StartupError(
-            f"--state-topic {config.state_topic} has {len(state)} partition(s) but "
-            f"--input-topic {config.input_topic} has {len(inputs)}; they must match "
-            "(see the README's 'State' section)"
+            f"--state-topic {config.state_topic} has {state} partition(s) but "
+            f"--input-topic {config.input_topic} has {inputs}; they must match "
+            "(see the README's 'State that survives restarts')"
         )
 
 

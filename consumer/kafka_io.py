@@ -324,6 +324,21 @@ async def message_limit_bytes(config: Config, topics: Sequence[str]) -> int:
     return min(limits, default=DEFAULT_MESSAGE_MAX_BYTES)
 
 
+async def partition_counts(config: Config, topics: Sequence[str]) -> dict[str, int]:
+    """How many partitions each of ``topics`` has (as the broker describes them)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=config.bootstrap_servers,
+        client_id="anomaly-detector",
+        **config.security.client_kwargs(),
+    )
+    try:
+        await admin.start()
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"]) for t in described}
+
+
 async def check_topics(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> None:
     """Refuse to start on a missing topic: a typo should not wait silently for data."""
     existing = await consumer.topics()

@@ -6,6 +6,9 @@ import numpy as np
 import orjson
 import pytest
 
+from consumer.app import check_state_partitions
+from consumer.config import load_config
+from consumer.kafka_io import StartupError
 from consumer.normalize import SourceNormalizer
 from consumer.state import (
     Changelog,
@@ -181,3 +184,11 @@ def test_an_event_from_the_future_does_not_make_every_other_source_silent() -> N
     tracker.touch(["skewed"], [0], [1_000.0 + 86_400])
     assert tracker.stream_ts == 1_060.0
     assert tracker.expired() == []
+
+
+def test_a_changelog_with_another_partition_count_is_refused_in_one_line() -> None:
+    config = load_config(["--input-topic", "m", "--state-topic", "m.state"], environ={})
+    check_state_partitions({"m": 8, "m.state": 8}, config)
+    with pytest.raises(StartupError, match=r"--state-topic m.state has 3 partition\(s\) but "
+                       r"--input-topic m has 8"):  # fmt: skip
+        check_state_partitions({"m": 8, "m.state": 3}, config)

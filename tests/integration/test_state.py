@@ -239,18 +239,25 @@ async def test_topics_creates_the_changelog_compacted_and_a_mismatch_stops_the_d
 ) -> None:
     bootstrap = kafka.bootstrap_servers
     topics = await topics_for(new_topic, 2)
-    state = unique("state")
+    state = unique("changelog")
     args = ["--bootstrap-servers", bootstrap, "--partitions", "3", "--compact", state]
     assert await asyncio.to_thread(topics_main, args) == 0
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
-    try:
+    settings: dict[str, str] = {}
+
+    async def described() -> bool:
+        # Right after creation the broker may describe the topic with no settings yet.
         (response,) = await admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, state)]
         )
+        settings.update((n, v) for *_, entries in response.resources for n, v, *_ in entries)
+        return "cleanup.policy" in settings
+
+    try:
+        await eventually(described, timeout_seconds=30, what="the changelog's settings")
     finally:
         await admin.close()
-    settings = {name: value for *_, entries in response.resources for name, value, *_ in entries}
     assert settings["cleanup.policy"] == "compact"
 
     proc = detector(tmp_path, "mismatch", kafka, topics, unique("group"), "--state-topic", state)
