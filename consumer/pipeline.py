@@ -327,9 +327,10 @@ class Processor:
                 )
 
     async def assigned(self, assigned: set[TopicPartition]) -> None:
-        """Take the incidents back from their topic: this instance's sources may have
-        changed, and what was published before a crash or by another instance is the
-        record (a revocation settled every batch before this)."""
+        """Plan the restore of the per-source statistics (``_plan_restore``) and take
+        the incidents back from their topic: this instance's sources may have changed,
+        and what was published before a crash or by another instance is the record (a
+        revocation settled every batch before this)."""
         self.observer.assigned(assigned)
         logger.info("assigned %d partition(s): %s", len(assigned), sorted(assigned))
         if self.read_incidents is None and self.read_state is None:
