@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from bench.kafka import create_topics
+from bench.kafka import create_state_topic, create_topics
 from bench.quality import read_detections
 from bench.stream import Record
 from consumer.app import Service, tune_gc
@@ -26,7 +26,7 @@ PRIME_CHUNK = 5000
 
 
 def bench_config(bootstrap: str, topics: Sequence[str], group: str, *extra: str) -> Config:
-    input_topic, output_topic, dlq_topic, incidents_topic = topics
+    input_topic, output_topic, dlq_topic, incidents_topic, state_topic = topics
     return load_config(
         [
             "--bootstrap-servers", bootstrap,
@@ -34,6 +34,7 @@ def bench_config(bootstrap: str, topics: Sequence[str], group: str, *extra: str)
             "--output-topic", output_topic,
             "--dlq-topic", dlq_topic,
             "--incidents-topic", incidents_topic,
+            "--state-topic", state_topic,
             "--group-id", group,
             "--instance-id", group,
             "--metrics-host", "127.0.0.1",
@@ -134,6 +135,7 @@ async def detector_drain(
     )
     await create_topics(bootstrap, [topics[1]], 8)
     await create_topics(bootstrap, list(topics[2:]), 1)
+    topics = (*topics, await create_state_topic(bootstrap, input_topic))
     guarantee = "exactly-once" if exactly_once else "at-least-once"
     config = bench_config(
         bootstrap, topics, f"{prefix}-detector-{tag}", "--processing-guarantee", guarantee

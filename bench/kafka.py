@@ -60,10 +60,30 @@ class LocalKafka:
             self.started = False
 
 
-async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
-    """Create the topics and wait until the broker's metadata shows each with leaders
-    (a client asking right after the creation may not see them yet)."""
-    await ensure_topics(bootstrap, names, partitions=partitions)
+async def create_state_topic(bootstrap: str, input_topic: str) -> str:
+    """The detector's state changelog for ``input_topic``: ``<input>.state``, compacted,
+    with as many partitions as the input."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench")
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([input_topic])
+    finally:
+        await admin.close()
+    name = f"{input_topic}.state"
+    await create_topics(bootstrap, [name], len(described["partitions"]), compact=True)
+    return name
+
+
+async def create_topics(
+    bootstrap: str, names: list[str], partitions: int, *, compact: bool = False
+) -> None:
+    """Create the topics (``compact``: with cleanup.policy=compact) and wait until the
+    broker's metadata shows each with leaders (a client asking right after the creation
+    may not see them yet)."""
+    if compact:
+        await ensure_topics(bootstrap, [], partitions=partitions, compact=names)
+    else:
+        await ensure_topics(bootstrap, names, partitions=partitions)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench")
     await admin.start()
     try:

@@ -26,7 +26,7 @@ import orjson
 from prometheus_client import Histogram
 
 from bench.detector import bench_config, counter_value, prime, stop_service, wait_until
-from bench.kafka import ROOT, create_topics, read_topic
+from bench.kafka import ROOT, create_state_topic, create_topics, read_topic
 from bench.stream import SIM_RATE, Fleet, Stream, encoded
 from consumer.app import Service, tune_gc
 
@@ -125,6 +125,7 @@ async def latency(
     topics = tuple(f"{prefix}-lat-{name}" for name in ("in", "anomalies", "dlq", "incidents"))
     await create_topics(bootstrap, list(topics[:2]), 8)
     await create_topics(bootstrap, list(topics[2:]), 1)
+    topics = (*topics, await create_state_topic(bootstrap, topics[0]))
     config = bench_config(
         bootstrap, topics, f"{prefix}-latency", "--refit-seconds", str(refit_seconds)
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.kafka import ROOT, create_topics
+from bench.kafka import ROOT, create_state_topic, create_topics
 from bench.latency import loadgen_summary, start_loadgen
 from bench.stream import Fleet
 
@@ -76,6 +76,7 @@ async def memory(
     topics = tuple(f"{prefix}-mem-{name}" for name in ("in", "anomalies", "dlq", "incidents"))
     await create_topics(bootstrap, list(topics[:2]), 8)
     await create_topics(bootstrap, list(topics[2:]), 1)
+    state_topic = await create_state_topic(bootstrap, topics[0])
     log_path = log_dir / "memory-detector.log"
     args = [
         "--bootstrap-servers", bootstrap,
@@ -83,6 +84,7 @@ async def memory(
         "--output-topic", topics[1],
         "--dlq-topic", topics[2],
         "--incidents-topic", topics[3],
+        "--state-topic", state_topic,
         "--group-id", f"{prefix}-memory",
         "--metrics-host", "127.0.0.1",
         "--metrics-port", str(_free_port()),

@@ -1,7 +1,7 @@
 """``make bench``: everything measured side by side, in one run, on this machine.
 
     python -m bench.run [--quick] [--events N] [--bootstrap-servers HOST:PORT]
-        [--json PATH] [--only drain,detector,naive,river,exactly_once,latency,memory]
+        [--json PATH] [--only drain,detector,naive,river,exactly_once,latency,memory,state]
 
 Without --bootstrap-servers (or KAFKA_BOOTSTRAP_SERVERS) it starts the local Kafka on
 port 29692 (scripts/kafka-local) and stops it at the end if it started it. The topics
@@ -37,12 +37,13 @@ from bench.kafka import LocalKafka, create_topics, delete_topics, prefill
 from bench.latency import latency
 from bench.memory import memory
 from bench.quality import quality, read_truth
+from bench.state_restore import state_restore
 from bench.stream import SIM_RATE, Fleet, Record, Stream, encoded
 from producer_sim.evaluate import TruthReader
 from producer_sim.generator import METRIC_NAMES
 from producer_sim.report import Detection
 
-SECTIONS = ("drain", "detector", "naive", "river", "exactly_once", "latency", "memory")
+SECTIONS = ("drain", "detector", "naive", "river", "exactly_once", "latency", "memory", "state")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # River's quantile filter keeps the share the detector flagged by default before its
 # threshold became a false-alarm budget (--contamination 0.002).
@@ -67,6 +68,7 @@ class Settings:
     memory_rate: float = 10_000.0
     memory_seconds: float = 600.0
     memory_mark: float = 120.0
+    state_sources: int = 100_000
 
 
 QUICK = Settings(
@@ -83,6 +85,7 @@ QUICK = Settings(
     memory_rate=2_000.0,
     memory_seconds=20.0,
     memory_mark=4.0,
+    state_sources=10_000,
 )
 
 
@@ -245,6 +248,14 @@ async def _measure(
         )
         if value is not None:
             results["memory"] = value
+    if "state" in only:
+        value = await _section(
+            results,
+            "state",
+            state_restore(bootstrap, prefix, sources=s.state_sources, partitions=s.partitions),
+        )
+        if value is not None:
+            results["state"] = value
 
 
 async def delete_all(bootstrap: str, prefix: str) -> None:

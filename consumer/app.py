@@ -12,7 +12,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from functools import partial
@@ -38,6 +38,7 @@ from consumer.kafka_io import (
     consumer_for,
     exactly_once,
     message_limit_bytes,
+    partition_counts,
     producer_for,
     transactional_id,
 )
@@ -47,7 +48,7 @@ from consumer.pipeline import Processor, Stopping, fit_params
 from consumer.refit import Refitter
 from consumer.scoring import ScoreLimits, Scorer, load_token
 from consumer.security import RedactSecrets, SecurityError, diagnose, explain, server_ssl_context
-from consumer.topic_reader import read_topic
+from consumer.topic_reader import read_partitions, read_topic
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +142,19 @@ class Service:
                 consumer = consumer_for(self.config)
                 self._stack.push_async_callback(consumer.stop)
                 await consumer.start()
-            outputs = [self.config.output_topic, self.config.dlq_topic, self.config.incidents_topic]
+            outputs = [
+                self.config.output_topic,
+                self.config.dlq_topic,
+                self.config.incidents_topic,
+                self.config.state_topic,
+            ]
             await check_topics(consumer, self.config.topics)
+            check_state_partitions(
+                await partition_counts(
+                    self.config, [self.config.input_topic, self.config.state_topic]
+                ),
+                self.config,
+            )
             limit = await message_limit_bytes(self.config, outputs)
             with _quiet("aiokafka"):
                 producer = producer_for(self.config, max_request_size=limit)
@@ -191,6 +203,7 @@ class Service:
             stopping=stopping,
             alerts=self.alerts,
             read_incidents=partial(read_incidents, self.config),
+            read_state=partial(read_state, self.config),
         )
         consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
 
@@ -354,6 +367,38 @@ async def read_incidents(config: Config) -> list[dict[str, Any]]:
         **config.security.client_kwargs(),
     )
     return records
+
+
+def check_state_partitions(counts: dict[str, int], config: Config) -> None:
+    """A source's state lives in the changelog partition numbered as the input partition
+    its events come from, so the two topics must have as many partitions."""
+    inputs = counts.get(config.input_topic, 0)
+    state = counts.get(config.state_topic, 0)
+    if inputs != state:
+        raise StartupError(
+            f"--state-topic {config.state_topic} has {state} partition(s) but "
+            f"--input-topic {config.input_topic} has {inputs}; they must match "
+            "(see the README's 'State that survives restarts')"
+        )
+
+
+async def read_state(
+    config: Config,
+    partitions: list[int],
+    handle: Callable[[int, Sequence[Any]], None],
+    on_ends: Callable[[dict[int, tuple[int, int]]], None],
+) -> None:
+    """Read the state changelog's ``partitions`` to their end, as the detector's own
+    consumer would (read_committed in exactly-once mode)."""
+    await read_partitions(
+        config.bootstrap_servers,
+        [TopicPartition(config.state_topic, p) for p in partitions],
+        lambda tp, batch: handle(tp.partition, batch),
+        isolation_level="read_committed" if exactly_once(config) else "read_uncommitted",
+        on_ends=lambda ends: on_ends({tp.partition: span for tp, span in ends.items()}),
+        client_id="anomaly-detector-state",
+        **config.security.client_kwargs(),
+    )
 
 
 def _delivery(

@@ -30,6 +30,7 @@ from consumer.kafka_io import Message
 from consumer.messages import Record, anomaly_messages, dead_letter, incident_message
 from consumer.model import FittedModel
 from consumer.observer import Observer
+from consumer.state import Changelog
 from consumer.windows import Batch
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Work:
     invalid: list[tuple[Record, Invalid]]
     prepared: Prepared | None = None
     verdict: Verdict | None = None
+    # Its changelog records, when taken ahead of judging (a batch held at cold start).
+    state: list[Message] | None = None
 
     @property
     def records(self) -> int:
@@ -75,6 +78,9 @@ class Work:
             [r for r, k in zip(self.event_records, keep, strict=True) if k],
             [(r, why) for r, why in self.invalid if tp_of(r) not in partitions],
             None if self.prepared is None else self.prepared.select(keep),
+            state=None
+            if self.state is None
+            else [m for m in self.state if m.partition not in {tp.partition for tp in partitions}],
         )
 
     def offsets(self) -> dict[TopicPartition, int]:
@@ -118,8 +124,12 @@ class Finisher:
         features: Sequence[str] | None,
         incidents: IncidentTracker,
         alerts: AlertSender | None = None,
+        changelog: Changelog | None = None,
     ) -> None:
         self.topics = topics
+        self.changelog = changelog
+        # Per input partition, the offset this instance last delivered (committed).
+        self.delivered: dict[TopicPartition, int] = {}
         self.incidents = incidents
         self.alerts = alerts
         self.delivery = delivery
@@ -137,19 +147,25 @@ class Finisher:
             self.observer.invalid(why.reason)
             messages.append(dead_letter(self.topics.dlq, record, why))
         incidents: list[dict[str, Any]] = []
+        state: list[Message] = []
         if work.events and work.verdict is None:
             assert detector is not None
             assert detector.model is not None
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            work.prepared, work.verdict, anomalies, incidents = await loop.run_in_executor(
+            work.prepared, work.verdict, anomalies, incidents, state = await loop.run_in_executor(
                 self.score_executor, self._judge, detector, work, detector.model
             )
             self.observer.scored(time.perf_counter() - started)
             messages.extend(anomalies)
+            messages.extend(state)
             messages.extend(incident_message(self.topics.incidents, r) for r in incidents)
-        if not await self.delivery.deliver(messages, work.offsets()):
+        offsets = work.offsets()
+        if not await self.delivery.deliver(messages, offsets):
             return False
+        self.delivered.update(offsets)
+        if self.changelog is not None:
+            self.observer.state_written(state, self.changelog.expired_total)
         self.observer.delivered(
             work.records, len(work.invalid), work.events, work.verdict, acked_at=time.time()
         )
@@ -160,14 +176,17 @@ class Finisher:
 
     def _judge(
         self, detector: Detector, work: Work, model: FittedModel
-    ) -> tuple[Prepared, Verdict, list[Message], list[dict[str, Any]]]:
+    ) -> tuple[Prepared, Verdict, list[Message], list[dict[str, Any]], list[Message]]:
         """Scoring thread: prepare, score and learn (or only score a batch that learned
-        when it was held), then describe the anomalies and the incidents they change."""
+        when it was held), then describe the anomalies, the incidents they change and
+        the touched sources' statistics (the changelog's records)."""
+        state: list[Message] = []
         with self.state_lock:
             if work.prepared is None:
                 prepared, verdict = detector.judge(detector.prepare(work.events), model)
             else:
                 prepared, verdict = work.prepared, Detector.score(work.prepared, model)
+            state = work.state if work.state is not None else self.state_messages(detector, work)
         messages = anomaly_messages(
             self.topics.output,
             self.features,
@@ -177,7 +196,21 @@ class Finisher:
             verdict,
             detected_at=time.time(),
         )
-        return prepared, verdict, messages, self._track(prepared, verdict)
+        return prepared, verdict, messages, self._track(prepared, verdict), state
+
+    def state_messages(self, detector: Detector, work: Work) -> list[Message]:
+        """Scoring thread, under the state lock: the changelog records of a batch that
+        has just taught the statistics (none without a changelog)."""
+        if self.changelog is None:
+            return []
+        records = work.event_records
+        return self.changelog.batch_messages(
+            detector.normalizer,
+            [e.source for e in work.events],
+            [r.partition for r in records],
+            [r.offset for r in records],
+            [e.ts for e in work.events],
+        )
 
     def _track(self, prepared: Prepared, verdict: Verdict) -> list[dict[str, Any]]:
         """Scoring thread: fold the judged batch into the incidents. Only events of

@@ -188,6 +188,20 @@ OPTIONS: tuple[Option, ...] = (
         "topic incident records go to (open, update, resolved; key = source)",
     ),
     Option(
+        "--state-topic",
+        text,
+        "anomaly-detector.state",
+        "compacted changelog topic of the per-source statistics (key = source; as many "
+        "partitions as --input-topic), restored on every assignment",
+    ),
+    Option(
+        "--state-ttl-seconds",
+        number(minimum=0.0, exclusive_min=True),
+        86_400.0,
+        "a source silent this long (event time) is dropped from memory and tombstoned in "
+        "--state-topic",
+    ),
+    Option(
         "--incident-open-anomalies",
         integer(minimum=1),
         2,
@@ -355,6 +369,8 @@ class Config:
     max_event_age_seconds: float
     max_future_seconds: float
     incidents_topic: str
+    state_topic: str
+    state_ttl_seconds: float
     incident_open_anomalies: int
     incident_open_gap_events: int
     incident_open_at_once_z: float
@@ -401,7 +417,8 @@ class Config:
             raise OptionError("give --score-token or --score-token-file, not both")
         if len(set(self.topics)) != len(self.topics):
             raise OptionError(
-                "--input-topic, --output-topic, --dlq-topic and --incidents-topic must all differ"
+                "--input-topic, --output-topic, --dlq-topic, --incidents-topic and "
+                "--state-topic must all differ"
             )
         if self.alertmanager_url is not None and not self.alertmanager_url.startswith(
             ("http://", "https://")
@@ -419,7 +436,13 @@ class Config:
     @property
     def topics(self) -> tuple[str, ...]:
         """Every topic the detector reads or writes; each must exist at start."""
-        return (self.input_topic, self.output_topic, self.dlq_topic, self.incidents_topic)
+        return (
+            self.input_topic,
+            self.output_topic,
+            self.dlq_topic,
+            self.incidents_topic,
+            self.state_topic,
+        )
 
     @property
     def metrics_tls(self) -> bool:

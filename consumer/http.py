@@ -49,6 +49,8 @@ class Health:
     publish_error: str | None = None
     # Set after repeated failed model fits (the fitting process keeps dying, say).
     fit_error: str | None = None
+    # Input partitions paused while their per-source state is restored.
+    restoring_partitions: int = 0
 
     def beat(self) -> None:
         self.loop_heartbeat = time.monotonic()
@@ -76,6 +78,7 @@ class Health:
             "broker_unreachable": self.broker_unreachable,
             "publish_error": self.publish_error,
             "fit_error": self.fit_error,
+            "restoring_partitions": self.restoring_partitions,
         }
         ok = (
             self.assigned_partitions > 0
@@ -83,6 +86,7 @@ class Health:
             and self.broker_unreachable is None
             and self.publish_error is None
             and self.fit_error is None
+            and self.restoring_partitions == 0
         )
         return ok, checks
 

@@ -50,12 +50,14 @@ class Fenced(Exception):
 
 @dataclass(frozen=True)
 class Message:
-    """One record to publish."""
+    """One record to publish; ``partition`` None lets the producer choose by key (the
+    changelog names its partition: that of the input the source's events came from)."""
 
     topic: str
     key: bytes | None
     value: bytes | None
     headers: Headers
+    partition: int | None = None
 
     def truncated(self) -> Message:
         value = None if self.value is None else self.value[:TRUNCATED_VALUE_BYTES]
@@ -322,6 +324,21 @@ async def message_limit_bytes(config: Config, topics: Sequence[str]) -> int:
     return min(limits, default=DEFAULT_MESSAGE_MAX_BYTES)
 
 
+async def partition_counts(config: Config, topics: Sequence[str]) -> dict[str, int]:
+    """How many partitions each of ``topics`` has (as the broker describes them)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=config.bootstrap_servers,
+        client_id="anomaly-detector",
+        **config.security.client_kwargs(),
+    )
+    try:
+        await admin.start()
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"]) for t in described}
+
+
 async def check_topics(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> None:
     """Refuse to start on a missing topic: a typo should not wait silently for data."""
     existing = await consumer.topics()
@@ -382,9 +399,11 @@ async def _send_all(producer: AIOKafkaProducer, messages: Sequence[Message]) -> 
 
 async def _enqueue(producer: AIOKafkaProducer, message: Message) -> Future:
     """The record's delivery future; a send refused at once is a failed future."""
+    # Only the changelog names its partition; the others go where their key hashes.
+    where = {} if message.partition is None else {"partition": message.partition}
     try:
         future: Future = await producer.send(
-            message.topic, message.value, key=message.key, headers=message.headers
+            message.topic, message.value, key=message.key, headers=message.headers, **where
         )
     except _SEND_ERRORS as exc:
         future = asyncio.get_running_loop().create_future()

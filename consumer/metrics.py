@@ -215,6 +215,45 @@ class DetectorMetrics:
             ["result"],
             registry=r,
         )
+        self.state_records_written = Counter(
+            name("state_records_written"),
+            "Records written to the state changelog (one per touched source per batch, "
+            "and tombstones).",
+            registry=r,
+        )
+        self.state_sources_expired = Counter(
+            name("state_sources_expired"),
+            "Sources dropped after --state-ttl-seconds of silence (each tombstoned).",
+            registry=r,
+        )
+        self.state_restored_sources = Counter(
+            name("state_restored_sources"),
+            "Sources whose statistics were restored from the state changelog.",
+            registry=r,
+        )
+        self.state_restore_skipped = Counter(
+            name("state_restore_skipped"),
+            "Changelog records skipped on restore: written for a batch whose offsets were "
+            "never committed.",
+            registry=r,
+        )
+        self.state_restore_records = Gauge(
+            name("state_restore_records"),
+            "Changelog records read by the current (or last) restore, per input partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.state_restore_remaining = Gauge(
+            name("state_restore_remaining"),
+            "Changelog records still to read by the current restore, per input partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.state_restoring_partitions = Gauge(
+            name("state_restoring_partitions"),
+            "Input partitions paused while their state is restored.",
+            registry=r,
+        )
         for reason in REASONS:
             self.events_invalid.labels(reason)
         for status in INCIDENT_STATUSES:

@@ -204,3 +204,49 @@ class SourceNormalizer:
             self._last_seen[row] = _FREE
         self.evicted_total += count
         logger.debug("evicted %d least recently seen sources", count)
+
+    # -- the changelog (``consumer.state``) --------------------------------------------
+
+    def export_rows(self, sources: list[str]) -> tuple[list[str], IntArray, FloatArray, FloatArray]:
+        """Those of ``sources`` in the table, with their count, mean and variance."""
+        kept = [s for s in sources if s in self._rows]
+        idx = np.fromiter((self._rows[s] for s in kept), dtype=np.intp, count=len(kept))
+        return kept, self._count[idx].astype(np.intp), self._mean[idx], self._var[idx]
+
+    def import_rows(
+        self, sources: list[str], count: IntArray, mean: FloatArray, var: FloatArray
+    ) -> None:
+        """Set the statistics of ``sources`` (added when unknown), as restored from the
+        changelog. Beyond ``max_sources`` the least recently seen are evicted as usual."""
+        for start in range(0, len(sources), self.max_sources):
+            chunk = sources[start : start + self.max_sources]
+            self._tick += 1
+            known = [self._rows[s] for s in chunk if s in self._rows]
+            # Seen now, so that adding the new ones never evicts one of the chunk.
+            self._last_seen[known] = self._tick
+            new = [s for s in chunk if s not in self._rows]
+            if new:
+                self._add(new)
+            idx = np.fromiter((self._rows[s] for s in chunk), dtype=np.intp, count=len(chunk))
+            part = slice(start, start + len(chunk))
+            self._mean[idx] = mean[part]
+            self._var[idx] = var[part]
+            self._count[idx] = count[part]
+            self._last_seen[idx] = self._tick
+
+    def forget(self, sources: list[str]) -> int:
+        """Drop ``sources`` from the table (unknown ones are ignored); how many were."""
+        dropped = 0
+        for source in sources:
+            row = self._rows.pop(source, None)
+            if row is None:
+                continue
+            self._names[row] = None
+            self._free.append(row)
+            self._last_seen[row] = _FREE
+            dropped += 1
+        return dropped
+
+    def sources(self) -> list[str]:
+        """Every source in the table."""
+        return list(self._rows)

@@ -29,6 +29,7 @@ class Observer:
     def __init__(self, metrics: DetectorMetrics, health: Health) -> None:
         self.metrics = metrics
         self.health = health
+        self._expired_seen = 0
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -53,6 +54,28 @@ class Observer:
         for tp in partitions:
             self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
         self.health.assigned_partitions = 0
+
+    # -- the state changelog ----------------------------------------------------------
+
+    def state_written(self, messages: list[Any], expired_total: int) -> None:
+        m = self.metrics
+        m.state_records_written.inc(len(messages))
+        # The tracker counts expiries in the scoring thread; the counter catches up here.
+        if expired_total > self._expired_seen:
+            m.state_sources_expired.inc(expired_total - self._expired_seen)
+            self._expired_seen = expired_total
+
+    def restoring(self, partitions: int) -> None:
+        self.metrics.state_restoring_partitions.set(partitions)
+        self.health.restoring_partitions = partitions
+
+    def restore_progress(self, partition: int, records: int, remaining: int) -> None:
+        self.metrics.state_restore_records.labels(str(partition)).set(records)
+        self.metrics.state_restore_remaining.labels(str(partition)).set(remaining)
+
+    def restored(self, sources: int, skipped: int) -> None:
+        self.metrics.state_restored_sources.inc(sources)
+        self.metrics.state_restore_skipped.inc(skipped)
 
     def held(self, records: int) -> None:
         self.metrics.held_events.set(records)

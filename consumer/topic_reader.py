@@ -29,12 +29,14 @@ async def read_to_end(
     *,
     idle_timeout_seconds: float | None = None,
     on_ready: Callable[[], None] = lambda: None,
+    on_ends: Callable[[dict[TopicPartition, tuple[int, int]]], None] = lambda ends: None,
 ) -> dict[TopicPartition, tuple[int, int]]:
     """Feed every record of the consumer's assigned partitions, from their beginning up
     to their end offsets as of now, to ``handle``, a fetched batch at a time.
 
     ``on_ready`` is called once the end offsets are known and the partitions rewound,
-    just before the first fetch. With ``idle_timeout_seconds``, raises ``Stalled`` when
+    just before the first fetch; ``on_ends`` before that, with each partition's
+    [beginning, end) offsets. With ``idle_timeout_seconds``, raises ``Stalled`` when
     no record came for that long (a big topic may take longer than that to read).
     Returns each partition's [beginning, end) offsets.
     """
@@ -43,6 +45,7 @@ async def read_to_end(
         return {}
     beginning = await consumer.beginning_offsets(partitions)
     end = await consumer.end_offsets(partitions)
+    on_ends({tp: (beginning[tp], end[tp]) for tp in partitions})
     await consumer.seek_to_beginning(*partitions)
     pending = {tp for tp in partitions if end[tp] > beginning[tp]}
     consumer.pause(*(set(partitions) - pending))
@@ -95,5 +98,32 @@ async def read_topic(
     await consumer.start()
     try:
         return await read_to_end(consumer, handle, on_ready=on_ready)
+    finally:
+        await consumer.stop()
+
+
+async def read_partitions(
+    bootstrap: str,
+    partitions: Sequence[TopicPartition],
+    handle: Handle,
+    *,
+    isolation_level: str = "read_uncommitted",
+    on_ends: Callable[[dict[TopicPartition, tuple[int, int]]], None] = lambda ends: None,
+    **client: Any,
+) -> dict[TopicPartition, tuple[int, int]]:
+    """``read_to_end`` on some partitions (the detector restoring its changelog), with
+    a consumer of its own that joins no group and commits nothing."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level=isolation_level,
+        **client,
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(partitions))
+        return await read_to_end(consumer, handle, on_ends=on_ends)
     finally:
         await consumer.stop()

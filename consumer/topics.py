@@ -1,7 +1,10 @@
 """Creating the service's topics: used by the demo, the tests, and operators.
 
     python -m consumer.topics --bootstrap-servers localhost:9092 --partitions 8 \\
-        metrics anomalies metrics.dlq incidents
+        --compact anomaly-detector.state metrics anomalies metrics.dlq incidents
+
+Topics named by ``--compact`` are created with ``cleanup.policy=compact`` (the state
+changelog: it must have as many partitions as the input topic).
 
 It connects as the detector does: the same options (and ``ANOMALY_*`` variables) for
 the bootstrap servers, TLS and SASL.
@@ -18,7 +21,7 @@ from collections.abc import Sequence
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
-from consumer.options import Option, OptionError, fail, integer, parse_options, text
+from consumer.options import Option, OptionError, fail, integer, name_list, parse_options, text
 from consumer.security import SECURITY_OPTIONS, KafkaSecurity, diagnose, explain
 
 PROG = "python -m consumer.topics"
@@ -26,6 +29,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--bootstrap-servers", text, "localhost:9092", "Kafka bootstrap servers"),
     Option("--partitions", integer(minimum=1), 1, "partitions of each topic created"),
     Option("--replication-factor", integer(minimum=1), 1, "replicas of each topic created"),
+    Option(
+        "--compact",
+        name_list,
+        None,
+        "comma-separated topics (also created) with cleanup.policy=compact: the state changelog",
+    ),
     *SECURITY_OPTIONS,
 )
 
@@ -37,8 +46,10 @@ async def ensure_topics(
     partitions: int = 1,
     replication_factor: int = 1,
     security: KafkaSecurity | None = None,
+    compact: Sequence[str] = (),
 ) -> list[str]:
-    """Create the topics that do not exist yet; return the names created."""
+    """Create the topics that do not exist yet (those also in ``compact`` with
+    ``cleanup.policy=compact``); return the names created."""
     security = security or KafkaSecurity()
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap_servers, client_id="topics", **security.client_kwargs()
@@ -46,12 +57,20 @@ async def ensure_topics(
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [n for n in dict.fromkeys(names) if n not in existing]
+        wanted = [n for n in dict.fromkeys([*names, *compact]) if n not in existing]
         if wanted:
             # Created concurrently by someone else is what we wanted, too.
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
-                    [NewTopic(n, partitions, replication_factor) for n in wanted]
+                    [
+                        NewTopic(
+                            n,
+                            partitions,
+                            replication_factor,
+                            topic_configs={"cleanup.policy": "compact"} if n in compact else {},
+                        )
+                        for n in wanted
+                    ]
                 )
         return wanted
     finally:
@@ -59,7 +78,7 @@ async def ensure_topics(
 
 
 def _names(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("names", nargs="+", help="topics to create")
+    parser.add_argument("names", nargs="*", help="topics to create")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__ or "",
         arguments=_names,
     )
+    if not values["names"] and not values["compact"]:
+        fail(PROG, "name at least one topic to create")
     try:
         security = KafkaSecurity.from_options(values)
         security.check()
@@ -85,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 partitions=values["partitions"],
                 replication_factor=values["replication_factor"],
                 security=security,
+                compact=values["compact"] or (),
             )
         )
     except KafkaError as exc:
@@ -98,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"topics: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    for name in values["names"]:
+    for name in dict.fromkeys([*values["names"], *(values["compact"] or ())]):
         print(f"{name}: {'created' if name in created else 'exists'}")
     return 0
 

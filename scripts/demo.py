@@ -31,6 +31,9 @@ from consumer.topics import ensure_topics
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
 TOPICS = ("metrics", "anomalies", "metrics.dlq", "incidents")
+# The detector's state changelog (its default --state-topic): compacted, as many
+# partitions as metrics.
+STATE_TOPIC = "anomaly-detector.state"
 
 
 def say(message: str) -> None:
@@ -145,7 +148,7 @@ def main() -> None:
     say(f"Kafka at {bootstrap}")
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        asyncio.run(ensure_topics(bootstrap, TOPICS, partitions=4))
+        asyncio.run(ensure_topics(bootstrap, TOPICS, partitions=4, compact=[STATE_TOPIC]))
         children.append(
             (
                 "detector",

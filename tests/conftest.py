@@ -113,13 +113,15 @@ TopicFactory = Callable[..., Awaitable[str]]
 
 @pytest.fixture
 async def new_topic(kafka: Broker, unique: Callable[[str], str]) -> AsyncIterator[TopicFactory]:
-    """Creates topics with unique names: ``await new_topic("metrics", partitions=4)``."""
+    """Creates topics with unique names: ``await new_topic("metrics", partitions=4)``;
+    ``compact=True`` for a state changelog."""
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
 
-    async def create(prefix: str, partitions: int = 1) -> str:
+    async def create(prefix: str, partitions: int = 1, *, compact: bool = False) -> str:
         name = unique(prefix)
-        await admin.create_topics([NewTopic(name, partitions, 1)])
+        configs = {"cleanup.policy": "compact"} if compact else {}
+        await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
         return name
 
     try:

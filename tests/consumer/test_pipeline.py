@@ -84,6 +84,15 @@ class FakeConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
 
+    def pause(self, *partitions: TopicPartition) -> None:
+        pass
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        pass
+
+    async def committed(self, partition: TopicPartition) -> int | None:
+        return None
+
 
 @dataclass
 class Delivered:

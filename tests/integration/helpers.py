@@ -21,8 +21,8 @@ Headers = list[tuple[str, bytes]]
 
 def detector_config(bootstrap: str, topics: Sequence[str], group: str, *extra: str) -> Config:
     """A detector configuration for tests: loopback HTTP on a free port, short windows.
-    ``topics``: input, output, dead-letter and incidents topics."""
-    input_topic, output_topic, dlq_topic, incidents_topic = topics
+    ``topics``: input, output, dead-letter, incidents and state topics."""
+    input_topic, output_topic, dlq_topic, incidents_topic, state_topic = topics
     return load_config(
         [
             "--bootstrap-servers", bootstrap,
@@ -30,6 +30,7 @@ def detector_config(bootstrap: str, topics: Sequence[str], group: str, *extra: s
             "--output-topic", output_topic,
             "--dlq-topic", dlq_topic,
             "--incidents-topic", incidents_topic,
+            "--state-topic", state_topic,
             "--group-id", group,
             "--metrics-host", "127.0.0.1",
             "--metrics-port", "0",

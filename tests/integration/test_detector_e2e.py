@@ -56,6 +56,7 @@ async def test_detects_outliers_commits_and_a_restart_rereads_nothing(
         await new_topic("out"),
         await new_topic("dlq"),
         await new_topic("incidents"),
+        await new_topic("state", 3, compact=True),
     ]
     group = unique("group")
     config = detector_config(

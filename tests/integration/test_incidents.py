@@ -180,7 +180,7 @@ async def test_an_episode_is_one_incident_and_one_alert_that_fires_then_resolves
 ) -> None:
     bootstrap = kafka.bootstrap_servers
     topics = [await new_topic("in", 2), await new_topic("out"), await new_topic("dlq"),
-              await new_topic("incidents")]  # fmt: skip
+              await new_topic("incidents"), await new_topic("state", 2, compact=True)]  # fmt: skip
     alertmanager = await start_alertmanager(0)
     config = detector_config(bootstrap, topics, unique("group"), *INCIDENT_FLAGS,
                              "--alertmanager-url", alertmanager.url)  # fmt: skip
@@ -236,7 +236,7 @@ async def test_alertmanager_down_holds_up_no_commit_and_loses_no_incident(
 ) -> None:
     bootstrap = kafka.bootstrap_servers
     topics = [await new_topic("in", 2), await new_topic("out"), await new_topic("dlq"),
-              await new_topic("incidents")]  # fmt: skip
+              await new_topic("incidents"), await new_topic("state", 2, compact=True)]  # fmt: skip
     port = free_port()  # nothing listens there yet
     config = detector_config(bootstrap, topics, unique("group"), *INCIDENT_FLAGS,
                              "--alertmanager-url", f"http://127.0.0.1:{port}")  # fmt: skip

@@ -207,6 +207,7 @@ async def busy_detector(
         await new_topic("anomalies"),
         await new_topic("dlq"),
         await new_topic("incidents"),
+        await new_topic("state", 2, compact=True),
     ]
     config = detector_config(
         kafka.bootstrap_servers, topics, unique("prometheus"),

@@ -110,7 +110,7 @@ def detector(
         name,
         "--bootstrap-servers", kafka.bootstrap_servers,
         "--input-topic", topics[0], "--output-topic", topics[1], "--dlq-topic", topics[2],
-        "--incidents-topic", topics[3], "--group-id", group,
+        "--incidents-topic", topics[3], "--state-topic", topics[4], "--group-id", group,
         *SCORE_EVERYTHING,
         *extra,
     )  # fmt: skip
@@ -122,7 +122,8 @@ async def committed_total(kafka: Broker, group: str, topic: str) -> int:
 
 async def topics_for(new_topic: TopicFactory, partitions: int) -> list[str]:
     names = [await new_topic("in", partitions), await new_topic("out"), await new_topic("dlq")]
-    return [*names, await new_topic("incidents")]
+    state = await new_topic("state", partitions, compact=True)
+    return [*names, await new_topic("incidents"), state]
 
 
 async def interrupt_and_restart(
@@ -273,6 +274,7 @@ async def test_unreachable_broker_missing_topic_and_bad_option_fail_in_one_line(
     for name, (args, needle) in cases.items():
         proc = DetectorProcess(tmp_path, name.replace(" ", "-"), "--output-topic", topics[1],
                                "--dlq-topic", topics[2], "--incidents-topic", topics[3],
+                               "--state-topic", topics[4],
                                *args).start()  # fmt: skip
         assert proc.proc is not None
         code = proc.proc.wait(timeout=90)
@@ -353,9 +355,10 @@ async def test_broker_restart_mid_stream_recovers_on_its_own(
     own_broker: Broker, unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     bootstrap = own_broker.bootstrap_servers
-    topics = [unique("in"), unique("out"), unique("dlq"), unique("incidents")]
+    topics = [unique("in"), unique("out"), unique("dlq"), unique("incidents"), unique("state")]
     await ensure_topics(bootstrap, topics[:1], partitions=2)
-    await ensure_topics(bootstrap, topics[1:])
+    await ensure_topics(bootstrap, topics[1:4])
+    await ensure_topics(bootstrap, [], partitions=2, compact=topics[4:])
     group = unique("group")
     proc = detector(tmp_path, "detector", own_broker, topics, group).start()
     try:

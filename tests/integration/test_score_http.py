@@ -65,6 +65,7 @@ async def test_http_scores_equal_the_stream_scores_of_the_same_events(
         await new_topic("out"),
         await new_topic("dlq"),
         await new_topic("incidents"),
+        await new_topic("state", 2, compact=True),
     ]
     group = unique("group")
     # Every event is published with its score: no warm-up, and a threshold every score
@@ -129,6 +130,7 @@ async def test_a_flood_of_score_requests_does_not_disturb_consumption(
         await new_topic("out"),
         await new_topic("dlq"),
         await new_topic("incidents"),
+        await new_topic("state", 3, compact=True),
     ]
     group = unique("group")
     config = detector_config(

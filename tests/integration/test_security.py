@@ -112,11 +112,12 @@ def secret_file(directory: Path, name: str, value: str) -> Path:
 async def make_topics(
     bootstrap: str, security: KafkaSecurity, unique: Callable[[str], str]
 ) -> list[str]:
-    """Input (2 partitions), output, dead-letter and incidents topics, created over
-    ``security``."""
-    topics = [unique("in"), unique("out"), unique("dlq"), unique("incidents")]
+    """Input (2 partitions), output, dead-letter, incidents and state (2 partitions,
+    compacted) topics, created over ``security``."""
+    topics = [unique("in"), unique("out"), unique("dlq"), unique("incidents"), unique("state")]
     await ensure_topics(bootstrap, topics[:1], partitions=2, security=security)
-    await ensure_topics(bootstrap, topics[1:], security=security)
+    await ensure_topics(bootstrap, topics[1:4], security=security)
+    await ensure_topics(bootstrap, [], partitions=2, security=security, compact=topics[4:])
     return topics
 
 
@@ -363,7 +364,8 @@ async def test_a_password_shows_nowhere(
     ]  # fmt: skip
     plain = [
         "--bootstrap-servers", servers, "--input-topic", topics[0], "--output-topic", topics[1],
-        "--dlq-topic", topics[2], "--incidents-topic", topics[3], *plain_login,
+        "--dlq-topic", topics[2], "--incidents-topic", topics[3], "--state-topic", topics[4],
+        *plain_login,
     ]  # fmt: skip
     group = unique("group")
     monkeypatch.setenv("ANOMALY_SASL_PASSWORD", PLAIN_PASSWORD)

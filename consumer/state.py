@@ -1,0 +1,302 @@
+"""Per-source state kept in a changelog topic, so it survives restarts and rebalances.
+
+Each batch writes, for every source it touched, one record to the changelog topic
+(``--state-topic``, compacted, as many partitions as the input topic): key = the source,
+partition = the input partition the source's events came from, value = its statistics
+as JSON::
+
+    {"v": 1, "offset": 1234, "ts": 1700000000.0, "features": ["cpu", "mem"],
+     "count": 812, "mean": [0.41, 0.63], "var": [0.0021, 0.0009]}
+
+``offset`` is the input offset the record reflects: the last offset of that input
+partition in the batch. The records go out in the batch's own ``deliver`` call, so they
+are acknowledged before the batch's offsets are committed (in exactly-once mode, in the
+same transaction). A source silent for ``--state-ttl-seconds`` of event time gets a
+tombstone (key, no value), which always applies.
+
+Restoring a partition reads its changelog partition to the end and keeps, per source,
+the newest record stamped *before* the group's committed offset of the input partition:
+a record at or past it comes from a batch that was never committed, and its events will
+be read and learned again. Everything here is pure; the loop does the Kafka side.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from consumer.kafka_io import Message
+from consumer.normalize import FloatArray, IntArray, SourceNormalizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# The stream's time (the newest event time) decides which sources are silent; an event
+# stamped in the future (allowed up to --max-future-seconds, a day by default) would
+# make every other source look silent that long. It counts as at most this far ahead.
+_STREAM_AHEAD_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class SourceState:
+    """One source's statistics as the changelog carries them."""
+
+    offset: int
+    ts: float
+    features: tuple[str, ...]
+    count: int
+    mean: tuple[float, ...]
+    var: tuple[float, ...]
+
+
+def encode(state: SourceState) -> bytes:
+    return orjson.dumps(
+        {
+            "v": FORMAT_VERSION,
+            "offset": state.offset,
+            "ts": state.ts,
+            "features": state.features,
+            "count": state.count,
+            "mean": state.mean,
+            "var": state.var,
+        }
+    )
+
+
+class Unreadable(ValueError):
+    """A changelog value this version cannot use (the reason is the message)."""
+
+
+def decode(value: bytes) -> SourceState:
+    try:
+        doc = orjson.loads(value)
+        if doc["v"] != FORMAT_VERSION:
+            raise Unreadable(f"format version {doc['v']!r}, this detector reads {FORMAT_VERSION}")
+        state = SourceState(
+            offset=int(doc["offset"]),
+            ts=float(doc["ts"]),
+            features=tuple(str(f) for f in doc["features"]),
+            count=int(doc["count"]),
+            mean=tuple(float(x) for x in doc["mean"]),
+            var=tuple(float(x) for x in doc["var"]),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, Unreadable):
+            raise
+        raise Unreadable(f"not a state record ({type(exc).__name__}: {exc})") from None
+    n = len(state.features)
+    if len(state.mean) != n or len(state.var) != n or state.count < 0:
+        raise Unreadable("mean, var and features differ in length")
+    return state
+
+
+@dataclass
+class Restored:
+    """What a partition's changelog says, read in order (``apply`` each record)."""
+
+    committed: int
+    sources: dict[str, SourceState] = field(default_factory=dict)
+    records: int = 0
+    skipped_newer: int = 0
+    unreadable: int = 0
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        """One changelog record: a tombstone forgets the source; a state record stamped
+        before ``committed`` replaces what came before it; a newer one is skipped."""
+        self.records += 1
+        if key is None:
+            self.unreadable += 1
+            return
+        source = key.decode(errors="replace")
+        if value is None:
+            self.sources.pop(source, None)
+            return
+        try:
+            state = decode(value)
+        except Unreadable as exc:
+            self.unreadable += 1
+            logger.debug("changelog record of %s skipped: %s", source, exc)
+            return
+        if state.offset >= self.committed:
+            self.skipped_newer += 1
+            return
+        self.sources[source] = state
+
+
+class StateTracker:
+    """Which input partition each known source lives in, and when it was last seen
+    (event time), for the changelog records and the time-to-live. Used in the scoring
+    thread under the detector's state lock."""
+
+    def __init__(
+        self, topic: str, ttl_seconds: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.topic = topic
+        self.ttl_seconds = ttl_seconds
+        self.clock = clock
+        self.where: dict[str, tuple[int, float]] = {}
+        self.stream_ts = 0.0
+        self._swept_at = 0.0
+
+    def touch(self, sources: Sequence[str], partitions: Sequence[int], ts: Sequence[float]) -> None:
+        where = self.where
+        newest = self.stream_ts
+        for source, partition, t in zip(sources, partitions, ts, strict=True):
+            seen = where.get(source)
+            where[source] = (partition, t if seen is None else max(seen[1], t))
+            newest = max(newest, t)
+        self.stream_ts = min(newest, max(self.stream_ts, self.clock() + _STREAM_AHEAD_SECONDS))
+
+    def forget(self, sources: Sequence[str]) -> None:
+        for source in sources:
+            self.where.pop(source, None)
+
+    def of_partitions(self, partitions: set[int]) -> list[str]:
+        return [s for s, (p, _) in self.where.items() if p in partitions]
+
+    def expired(self) -> list[tuple[str, int]]:
+        """Sources silent for the time-to-live (event time), forgotten here; checked at
+        most every tenth of the TTL of stream time (a scan of every known source)."""
+        now = self.stream_ts
+        if now - self._swept_at < self.ttl_seconds / 10:
+            return []
+        self._swept_at = now
+        cutoff = now - self.ttl_seconds
+        gone = [(s, p) for s, (p, t) in self.where.items() if t < cutoff]
+        for source, _ in gone:
+            del self.where[source]
+        return gone
+
+    def messages(
+        self,
+        sources: list[str],
+        offsets: dict[int, int],
+        features: tuple[str, ...],
+        stats: tuple[IntArray, FloatArray, FloatArray],
+        expired: list[tuple[str, int]],
+    ) -> list[Message]:
+        """The changelog records of one batch: each touched source's statistics, stamped
+        with the last offset of its partition in the batch, then the tombstones."""
+        count, mean, var = stats
+        messages = []
+        for i, source in enumerate(sources):
+            partition, ts = self.where[source]
+            state = SourceState(
+                offset=offsets[partition],
+                ts=ts,
+                features=features,
+                count=int(count[i]),
+                mean=tuple(mean[i].tolist()),
+                var=tuple(var[i].tolist()),
+            )
+            messages.append(Message(self.topic, source.encode(), encode(state), [], partition))
+        for source, partition in expired:
+            messages.append(Message(self.topic, source.encode(), None, [], partition))
+        return messages
+
+
+def last_offsets(partitions: Sequence[int], offsets: Sequence[int]) -> dict[int, int]:
+    """Per partition, the highest of the offsets (a batch's records, in any order)."""
+    last: dict[int, int] = {}
+    for p, o in zip(partitions, offsets, strict=True):
+        if o > last.get(p, -1):
+            last[p] = o
+    return last
+
+
+def as_arrays(states: Sequence[SourceState]) -> tuple[IntArray, FloatArray, FloatArray]:
+    n = len(states)
+    width = len(states[0].mean) if states else 0
+    count = np.fromiter((s.count for s in states), dtype=np.int64, count=n)
+    mean = np.array([s.mean for s in states], dtype=np.float64).reshape(n, width)
+    var = np.array([s.var for s in states], dtype=np.float64).reshape(n, width)
+    return count, mean, var
+
+
+class Changelog:
+    """The changelog side of the detector's per-source statistics (scoring thread,
+    under the state lock): the records of a judged batch, and restored state loaded."""
+
+    def __init__(
+        self, topic: str, ttl_seconds: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.tracker = StateTracker(topic, ttl_seconds, clock)
+        # The feature names, once the detector knows them (the first event may tell).
+        self.features: tuple[str, ...] | None = None
+        # Restored before the detector existed: loaded into it once it does.
+        self.pending: dict[str, SourceState] = {}
+        self.expired_total = 0
+
+    def batch_messages(
+        self,
+        normalizer: SourceNormalizer,
+        sources: list[str],
+        partitions: list[int],
+        offsets: list[int],
+        ts: list[float],
+    ) -> list[Message]:
+        """After a batch was judged: one record per touched source, plus tombstones of
+        the sources silent for the time-to-live (which leave the normalizer here)."""
+        assert self.features is not None
+        tracker = self.tracker
+        tracker.touch(sources, partitions, ts)
+        expired = tracker.expired()
+        if expired:
+            normalizer.forget([s for s, _ in expired])
+            self.expired_total += len(expired)
+        touched = [s for s in dict.fromkeys(sources) if s in tracker.where]
+        kept, count, mean, var = normalizer.export_rows(touched)
+        last = last_offsets(partitions, offsets)
+        return tracker.messages(kept, last, self.features, (count, mean, var), expired)
+
+    def load(
+        self, normalizer: SourceNormalizer | None, restored: dict[int, dict[str, SourceState]]
+    ) -> int:
+        """Install restored sources (per input partition); how many were loaded. With no
+        detector yet, they wait in ``pending`` for ``load_pending``."""
+        loaded = 0
+        for partition, sources in restored.items():
+            for source, state in sources.items():
+                self.tracker.where[source] = (partition, state.ts)
+                self.pending[source] = state
+                loaded += 1
+        if normalizer is not None:
+            self.load_pending(normalizer)
+        return loaded
+
+    def load_pending(self, normalizer: SourceNormalizer) -> None:
+        """Move the pending sources into the normalizer; those written with other
+        features than the detector's are dropped with a log line."""
+        pending, self.pending = self.pending, {}
+        if not pending:
+            return
+        if self.features is None:
+            self.pending = pending  # the features are not known yet
+            return
+        fits = {s: st for s, st in pending.items() if st.features == self.features}
+        if len(fits) < len(pending):
+            logger.warning(
+                "%d restored source(s) dropped: written with other features than %s",
+                len(pending) - len(fits),
+                ",".join(self.features),
+            )
+            self.tracker.forget([s for s in pending if s not in fits])
+        names = list(fits)
+        count, mean, var = as_arrays([fits[s] for s in names])
+        normalizer.import_rows(names, count, mean, var)
+
+    def forget_except(self, normalizer: SourceNormalizer | None, keep: set[int]) -> int:
+        """Drop every known source whose partition is not in ``keep``; how many. Sources
+        the tracker never saw (learned only by held, uncommitted batches) go too."""
+        where = self.tracker.where
+        gone = [s for s, (p, _) in where.items() if p not in keep]
+        self.tracker.forget(gone)
+        self.pending = {s: st for s, st in self.pending.items() if s in where}
+        if normalizer is not None:
+            normalizer.forget([s for s in normalizer.sources() if s not in where])
+        return len(gone)
