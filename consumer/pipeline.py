@@ -10,10 +10,11 @@ Where each job lives, and which thread runs it:
   prepared and learned from in the scoring thread);
 - ``consumer.refit``: fits in the fitting process, installs models on the loop;
 - ``consumer.observer``: metrics and health;
-- ``consumer.state``: the per-source statistics' changelog. Each batch's records carry
-  its touched sources' statistics; on assignment, the partitions whose state this
-  instance does not hold already are paused, their changelog partitions read back
-  (``_restore``, a task of its own), and resumed once the statistics are loaded.
+- ``consumer.state``: the per-source statistics' changelog; each batch's records carry
+  its touched sources' statistics;
+- ``consumer.recovery``: on assignment, the partitions whose statistics this instance
+  does not hold already are paused, their changelog partitions read back (a task of
+  its own), and resumed once the statistics are loaded.
 
 At most one batch is in flight, and each starts only once the one before it is
 committed, so batches finish in order while the loop reads the next window. The
@@ -31,7 +32,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from functools import partial
 from typing import Any, Protocol
@@ -49,8 +50,9 @@ from consumer.kafka_io import Message
 from consumer.messages import Record
 from consumer.model import FitParams
 from consumer.observer import Observer
+from consumer.recovery import Partitions, Recovery, StateReader
 from consumer.refit import Refitter
-from consumer.state import Changelog, Restored, SourceState
+from consumer.state import Changelog
 from consumer.windows import Batch, WindowBuffer
 
 logger = logging.getLogger(__name__)
@@ -105,34 +107,14 @@ def fit_params(config: Config) -> FitParams:
     )
 
 
-class Consumer(Protocol):
-    """What the loop uses of an ``AIOKafkaConsumer``."""
+class Consumer(Partitions, Protocol):
+    """What the loop uses of an ``AIOKafkaConsumer`` (recovery pauses and resumes)."""
 
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[Record]]: ...
 
     def highwater(self, partition: TopicPartition) -> int | None: ...
-
-    def assignment(self) -> set[TopicPartition]: ...
-
-    def pause(self, *partitions: TopicPartition) -> None: ...
-
-    def resume(self, *partitions: TopicPartition) -> None: ...
-
-    async def committed(self, partition: TopicPartition) -> int | None: ...
-
-
-# Reads changelog partitions (numbered as the input's) to their end: each fetched batch
-# of records to the handler; first, each partition's [beginning, end) offsets.
-StateReader = Callable[
-    [
-        list[int],
-        Callable[[int, Sequence[Any]], None],
-        Callable[[dict[int, tuple[int, int]]], None],
-    ],
-    Awaitable[None],
-]
 
 
 class Stopping:
@@ -212,16 +194,9 @@ class Processor:
         self.read_incidents = read_incidents
         # Without a state reader (unit tests), nothing is written to or read from a
         # changelog.
-        self.read_state = read_state
         self.changelog = (
             Changelog(config.state_topic, config.state_ttl_seconds) if read_state else None
         )
-        # Input partitions whose sources' statistics in memory match their committed
-        # offsets: kept across a rebalance without reading the changelog again.
-        self.state_owned: set[TopicPartition] = set()
-        # Held (learned, uncommitted) records were dropped: memory is ahead of the commits.
-        self._state_dirty = False
-        self._restore_task: asyncio.Task[None] | None = None
         self.finisher = Finisher(
             Topics(config.output_topic, config.dlq_topic, config.incidents_topic),
             delivery,
@@ -237,6 +212,21 @@ class Processor:
         self.in_flight = InFlight()
         self.lock = asyncio.Lock()
         self.listener = _Listener(self)
+        self.recovery = (
+            None
+            if self.changelog is None or read_state is None
+            else Recovery(
+                self.changelog,
+                read_state,
+                consumer,
+                observer,
+                lock=self.lock,
+                state_lock=self.state_lock,
+                score_executor=score_executor,
+                normalizer=lambda: None if self.detector is None else self.detector.normalizer,
+                delivered=self.finisher.delivered,
+            )
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -253,14 +243,16 @@ class Processor:
                     continue
                 fetched = await self._fetch(stop_wait)
                 async with self.lock:
-                    self._check_restore()
+                    if self.recovery is not None:
+                        self.recovery.check()
                     self.in_flight.check()
                     await self._step(fetched)
             self.in_flight.check()
             await self._shutdown()
         finally:
             stop_wait.cancel()
-            await self._cancel_restore()
+            if self.recovery is not None:
+                await self.recovery.cancel()
             await self.refitter.cancel()
             await self.in_flight.cancel()
 
@@ -312,15 +304,16 @@ class Processor:
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         # A restore under way is abandoned: the next assignment plans its own.
-        await self._cancel_restore()
+        if self.recovery is not None:
+            await self.recovery.cancel()
         async with self.lock:
             await self.in_flight.settle_for_revocation()
             dropped = self.windows.drop(lambda r: tp_of(r) in revoked)
             held = self.cold.drop(revoked)
             dropped += held
-            if held:
+            if held and self.recovery is not None:
                 # Held records taught the statistics before they were committed.
-                self._state_dirty = True
+                self.recovery.dirty = True
             self.observer.revoked(revoked)
             if dropped:
                 logger.info(
@@ -328,20 +321,20 @@ class Processor:
                 )
 
     async def assigned(self, assigned: set[TopicPartition]) -> None:
-        """Plan the restore of the per-source statistics (``_plan_restore``) and take
+        """Plan the restore of the per-source statistics (``Recovery.plan``) and take
         the incidents back from their topic: this instance's sources may have changed,
         and what was published before a crash or by another instance is the record (a
         revocation settled every batch before this)."""
         self.observer.assigned(assigned)
         logger.info("assigned %d partition(s): %s", len(assigned), sorted(assigned))
-        if self.read_incidents is None and self.read_state is None:
+        if self.read_incidents is None and self.recovery is None:
             return
         async with self.lock:
             # Nothing is in flight once this settled, so the scoring thread leaves the
             # incidents alone while they are restored here, on the loop.
             await self.in_flight.settle()
-            if self.read_state is not None:
-                await self._plan_restore(assigned)
+            if self.recovery is not None:
+                await self.recovery.plan(assigned)
             if self.read_incidents is None:
                 return
             records = await self.read_incidents()
@@ -349,123 +342,6 @@ class Processor:
             self.observer.incidents([], open_now)
             if open_now:
                 logger.info("%d open incident(s) taken back from the incidents topic", open_now)
-
-    # -- per-source state -------------------------------------------------------------
-
-    async def _plan_restore(self, assigned: set[TopicPartition]) -> None:
-        """Under ``lock``, nothing in flight: keep the statistics of partitions this
-        instance held and whose committed offset is the one it last delivered; forget
-        every other source; pause the rest and start restoring them."""
-        assert self.changelog is not None
-        committed = {tp: await self.consumer.committed(tp) for tp in assigned}
-        keep = set()
-        if not self._state_dirty:
-            keep = {
-                tp
-                for tp in self.state_owned & assigned
-                if committed[tp] == self.finisher.delivered.get(tp)
-            }
-        self._state_dirty = False
-        self.state_owned = keep
-        normalizer = None if self.detector is None else self.detector.normalizer
-        keep_partitions = {tp.partition for tp in keep}
-        loop = asyncio.get_running_loop()
-        forgotten = await loop.run_in_executor(
-            self.score_executor, self._locked, self.changelog.forget_except, normalizer,
-            keep_partitions,
-        )  # fmt: skip
-        restore = assigned - keep
-        if forgotten:
-            logger.info("state of %d source(s) of other partitions forgotten", forgotten)
-        if not restore:
-            return
-        self.consumer.pause(*restore)
-        self.observer.restoring(len(restore))
-        self._restore_task = asyncio.create_task(self._restore(restore, committed))
-
-    def _locked(self, job: Callable[..., Any], *args: Any) -> Any:
-        with self.state_lock:
-            return job(*args)
-
-    async def _restore(
-        self, partitions: set[TopicPartition], committed: dict[TopicPartition, int | None]
-    ) -> None:
-        """Read the changelog partitions of ``partitions`` to their end, load what they
-        say into the statistics, then resume the partitions (still paused until then)."""
-        assert self.read_state is not None
-        started = time.monotonic()
-        by_number = {tp.partition: tp for tp in partitions}
-        # No committed offset: nothing in the changelog was committed either.
-        restored = {p: Restored(committed[tp] or 0) for p, tp in by_number.items()}
-        ends: dict[int, int] = {}
-
-        def on_ends(offsets: dict[int, tuple[int, int]]) -> None:
-            for p, (beginning, end) in offsets.items():
-                ends[p] = end
-                self.observer.restore_progress(p, 0, end - beginning)
-
-        def handle(partition: int, records: Sequence[Any]) -> None:
-            state = restored[partition]
-            for record in records:
-                state.apply(record.key, record.value)
-            if records:
-                remaining = max(0, ends.get(partition, 0) - records[-1].offset - 1)
-                self.observer.restore_progress(partition, state.records, remaining)
-
-        await self.read_state(sorted(by_number), handle, on_ends)
-        async with self.lock:
-            loaded = await self._load(restored)
-            still = partitions & self.consumer.assignment()
-            for tp in still:
-                # This instance's statistics of tp now match its committed offset.
-                offset = committed[tp]
-                if offset is None:
-                    self.finisher.delivered.pop(tp, None)
-                else:
-                    self.finisher.delivered[tp] = offset
-            self.state_owned |= still
-            self.consumer.resume(*still)
-            self.observer.restoring(0)
-            skipped = sum(r.skipped_newer for r in restored.values())
-            self.observer.restored(loaded, skipped)
-            logger.info(
-                "state restored for %d partition(s) in %.1fs: %d source(s), %d changelog "
-                "record(s) of uncommitted batches skipped, %d unreadable",
-                len(partitions),
-                time.monotonic() - started,
-                loaded,
-                skipped,
-                sum(r.unreadable for r in restored.values()),
-            )
-
-    async def _load(self, restored: dict[int, Restored]) -> int:
-        changelog = self.changelog
-        assert changelog is not None
-        normalizer = None if self.detector is None else self.detector.normalizer
-        sources: dict[int, dict[str, SourceState]] = {p: r.sources for p, r in restored.items()}
-        loop = asyncio.get_running_loop()
-        loaded: int = await loop.run_in_executor(
-            self.score_executor, self._locked, changelog.load, normalizer, sources
-        )
-        return loaded
-
-    async def _cancel_restore(self) -> None:
-        task, self._restore_task = self._restore_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            self.observer.restoring(0)
-            logger.info("state restore abandoned: the partitions were revoked")
-        elif task is not None and not task.cancelled() and task.exception() is not None:
-            self._restore_task = task  # the loop raises its error at its next step
-
-    def _check_restore(self) -> None:
-        """Raise what the restore raised (a Kafka error reading the changelog, say)."""
-        task = self._restore_task
-        if task is not None and task.done():
-            self._restore_task = None
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
 
     # -- batches ----------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ async def make(changelog: Changelog) -> tuple[Processor, PausingConsumer, Health
 
 
 async def settled(processor: Processor) -> None:
-    task = processor._restore_task
+    task = processor.recovery.task if processor.recovery else None
     assert task is not None
     await asyncio.wait_for(task, timeout=10)
 
@@ -139,21 +139,21 @@ async def test_a_revocation_abandons_the_restore_and_the_next_assignment_reads_a
     processor, consumer, health = await make(changelog)
     consumer.assigned = {P0, P1}
     await processor.listener.on_partitions_assigned({P0, P1})
-    task = processor._restore_task
+    task = processor.recovery.task if processor.recovery else None
     assert task is not None
     await asyncio.wait_for(changelog.reading.wait(), timeout=10)
 
     await processor.listener.on_partitions_revoked({P0, P1})
     assert task.cancelled()
     assert health.restoring_partitions == 0
-    assert processor.state_owned == set()
+    assert (processor.recovery.owned if processor.recovery else None) == set()
 
     consumer.assigned = {P0}
     await processor.listener.on_partitions_assigned({P0})
     changelog.gate.set()
     await settled(processor)
     assert changelog.reads == [[0, 1], [0]]
-    assert processor.state_owned == {P0}
+    assert (processor.recovery.owned if processor.recovery else None) == {P0}
 
 
 async def test_partitions_whose_statistics_are_held_are_not_read_again() -> None:
