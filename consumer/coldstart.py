@@ -61,8 +61,11 @@ class ColdStart:
         return before - self.records
 
     def training_rows(self) -> FloatArray:
-        """The held events' features: what a forced first fit adds to a small history."""
-        parts = [w.prepared.features for w in self._held if w.prepared is not None]
+        """The held events' features where their source was warm when they came: what a
+        forced first fit adds to a small history (a cold source's features are zeros)."""
+        parts = [
+            w.prepared.features[w.prepared.warmed] for w in self._held if w.prepared is not None
+        ]
         return np.concatenate(parts) if parts else np.empty((0, 0))
 
     def _take(self) -> Iterator[Work]:

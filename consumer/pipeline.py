@@ -101,6 +101,7 @@ def fit_params(config: Config) -> FitParams:
     return FitParams(
         n_estimators=config.n_estimators,
         max_samples=config.max_samples,
+        false_alarm_rate=config.false_alarm_rate,
         contamination=config.contamination,
         score_threshold=config.score_threshold,
         seed=config.seed,

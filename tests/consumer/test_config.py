@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from consumer.config import OPTIONS, load_config
+from consumer.pipeline import fit_params
 
 
 def test_defaults_work_for_a_local_run() -> None:
@@ -58,3 +59,8 @@ def test_every_option_has_a_unique_flag_and_help() -> None:
     flags = [o.flag for o in OPTIONS]
     assert len(flags) == len(set(flags))
     assert all(o.help for o in OPTIONS)
+
+
+def test_the_false_alarm_budget_reaches_the_fit() -> None:
+    config = load_config(["--false-alarm-rate", "3.5"], environ={})
+    assert fit_params(config).false_alarm_rate == 3.5
