@@ -222,9 +222,11 @@ class IncidentReport:
     incidents cover nothing anomalous?
 
     An episode is covered by an incident of its source whose span overlaps the
-    episode's event time; it counts once however many incidents cover it. An incident
-    that contains no anomalous event of its source is a false incident. Delay runs from
-    an episode's first event to the publication of its first covering incident.
+    episode's event time; it counts once however many incidents cover it (and one long
+    incident may cover several episodes of a source in a row). An incident that
+    contains no anomalous event of its source is a false incident. Delay runs from an
+    episode's first event to the publication of its first covering incident (0 when
+    that incident was already open).
     """
 
     episodes: int
@@ -286,8 +288,11 @@ def build_incident_report(
         for i in all_incidents
         if not any(i.started_at <= t <= i.ended_at for t in anomalous_times[i.source])
     )
+    # An incident already open when the episode began (an earlier episode of the same
+    # source) tells of it at once: no delay, rather than a negative one.
     delays = [
-        min(i.opened_at for i in hits) - episodes[episode][2] for episode, hits in covering.items()
+        max(0.0, min(i.opened_at for i in hits) - episodes[episode][2])
+        for episode, hits in covering.items()
     ]
     kinds = sorted({k for k, *_ in episodes.values()},
                    key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS))  # fmt: skip

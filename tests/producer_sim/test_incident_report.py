@@ -63,3 +63,12 @@ def test_false_incidents_are_put_per_hour_per_100_sources() -> None:
     report = build_incident_report(TRUTH, [incident("host-c", 0, 1)], sources=50, span_seconds=1800)
     # One false incident in half an hour over 50 sources: 4 per hour per 100 sources.
     assert report.false_incidents_per_hour_per_100_sources == 4.0
+
+
+def test_an_incident_already_open_covers_a_later_episode_without_delay() -> None:
+    # host-a's incident opened at 12 s (for the episode at 10-12 s) and lasted to 60 s.
+    report = build_incident_report(
+        TRUTH, [incident("host-a", 10, 60, opened=12.0)], sources=50, span_seconds=1800
+    )
+    assert report.covered_episodes == 2
+    assert report.delay_median_seconds == 1.0  # 2 s for the first, 0 for the spike
