@@ -204,14 +204,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--incident-open-anomalies",
         integer(minimum=1),
-        2,
+        4,
         "anomalies of one source, close together (--incident-open-gap-events), that open an "
         "incident",
     ),
     Option(
         "--incident-open-gap-events",
         integer(minimum=1),
-        5,
+        10,
         "anomalies of one source count together toward opening an incident while fewer "
         "than this many of its normal events separate one from the next",
     ),
