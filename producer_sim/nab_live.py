@@ -12,7 +12,7 @@ does not answer and stopped again at the end. Fresh topics and a fresh group per
 The service gets, besides the options given after ``--``:
 
     --bootstrap-servers, --input-topic, --output-topic, --dlq-topic, --incidents-topic,
-    --group-id (this run's)
+    --state-topic, --group-id (this run's)
     --metrics-host 127.0.0.1 --metrics-port <free port>
     --max-event-age-seconds 1e10   NAB's timestamps are years old (2011-2015)
 
@@ -35,9 +35,10 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from consumer.topics import ensure_topics
 from producer_sim.detector_process import DetectorProcess
 from producer_sim.nab import ROOT, Scores, Series, interleave, join_anomalies
 
@@ -111,17 +112,6 @@ def stop(service: DetectorProcess) -> int | None:
     except subprocess.TimeoutExpired:
         service.kill()
         return None
-
-
-async def create_topics(bootstrap: str, names: Sequence[str], partitions: Sequence[int]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(n, p, 1) for n, p in zip(names, partitions, strict=True)]
-        )
-    finally:
-        await admin.close()
 
 
 async def produce(
@@ -220,16 +210,22 @@ async def live(
     broker = Broker()
     try:
         token = uuid.uuid4().hex[:8]
-        topics = [f"nab-{token}-{name}" for name in ("metrics", "anomalies", "dlq", "incidents")]
+        names = ("metrics", "anomalies", "dlq", "incidents", "state")
+        topics = [f"nab-{token}-{name}" for name in names]
         group = f"nab-{token}"
-        await create_topics(broker.bootstrap, topics, [args.partitions, 1, 1, 1])
+        await ensure_topics(broker.bootstrap, topics[1:4])
+        # The state changelog has as many partitions as the input, compacted.
+        await ensure_topics(
+            broker.bootstrap, [topics[0], topics[4]], partitions=args.partitions,
+            compact=[topics[4]],
+        )  # fmt: skip
         service = DetectorProcess(
             out_dir,
             "service",
             *[
                 "--bootstrap-servers", broker.bootstrap,
                 "--input-topic", topics[0], "--output-topic", topics[1], "--dlq-topic", topics[2],
-                "--incidents-topic", topics[3],
+                "--incidents-topic", topics[3], "--state-topic", topics[4],
                 "--group-id", group,
                 "--max-event-age-seconds", REPLAY_MAX_EVENT_AGE_SECONDS,
                 *service_args,
