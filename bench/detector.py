@@ -76,7 +76,7 @@ def prime(processor: Processor, records: list[Record]) -> float:
     started = time.perf_counter()
     detector = warm_detector(processor.parser, processor.settings, records)
     assert detector.model is not None
-    processor.detector = detector
+    processor.use_detector(detector)
     processor.observer.metrics.model_version.set(detector.model.version)
     processor.observer.health.model_version = detector.model.version
     return time.perf_counter() - started

@@ -367,22 +367,24 @@ class Processor:
         # is judged against statistics that include it.
         await self.in_flight.settle()
         if events and self.detector is None:
-            self.detector = self._new_detector()
+            self.use_detector(Detector(len(self.parser.features or ()), self.settings))
         if self.cold or (events and not self._has_model()):
             await self._hold(work)
             return
         self.in_flight.start(self._finish_and_free(work))
 
-    def _new_detector(self) -> Detector:
+    def use_detector(self, detector: Detector) -> None:
+        """Judge with ``detector`` from now on (the first batch's, or a warm one the
+        benchmark built): the feature list is fixed by then, and statistics restored
+        from the changelog before it existed are loaded into it."""
         assert self.parser.features is not None
         if self.settings.normalize:
             self.finisher.features = self.parser.features
-        detector = Detector(len(self.parser.features), self.settings)
         if self.changelog is not None:
             self.changelog.features = tuple(self.parser.features)
             with self.state_lock:
                 self.changelog.load_pending(detector.normalizer)
-        return detector
+        self.detector = detector
 
     async def _hold(self, work: Work) -> None:
         """Cold start: learn from the batch now (scoring thread), judge it later."""

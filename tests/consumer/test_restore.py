@@ -17,6 +17,7 @@ from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumer.config import load_config
+from consumer.detector import Detector
 from consumer.http import Health
 from consumer.metrics import DetectorMetrics
 from consumer.observer import Observer
@@ -127,7 +128,9 @@ async def test_restored_statistics_warm_the_sources_of_the_first_batch() -> None
     consumer.assigned = {P0}
     await processor.listener.on_partitions_assigned({P0})
     await settled(processor)
-    detector = processor._new_detector()
+    processor.use_detector(Detector(1, processor.settings))
+    detector = processor.detector
+    assert detector is not None
     rows = detector.normalizer.rows(["a", "new"], create=False)
     assert detector.normalizer.warmed(rows).tolist() == [True, False]
     assert np.allclose(detector.normalizer.transform(rows[:1], np.array([[5.0]])), 0.0)
