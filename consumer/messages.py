@@ -16,6 +16,10 @@ from consumer.detector import Prepared, Verdict
 from consumer.events import Invalid
 from consumer.kafka_io import Message
 
+# An anomaly larger than this leaves out the event's metrics (the record it points to
+# holds them): a few hundred bytes otherwise, far under any topic's limit.
+MAX_ANOMALY_BYTES = 64 * 1024
+
 
 class Record(Protocol):
     """What the loop reads of an aiokafka ``ConsumerRecord``."""
@@ -76,6 +80,12 @@ def anomaly_messages(
             zscores = prepared.features[i, : len(features)].round(3).tolist()
             doc["zscores"] = dict(zip(features, zscores, strict=True))
         value = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        if len(value) > MAX_ANOMALY_BYTES:
+            # An input record may carry up to --max-message-bytes of extra metrics; its
+            # anomaly must still fit the output topic, or it would be retried forever.
+            doc["metrics"] = None
+            doc["metrics_omitted_bytes"] = len(orjson.dumps(event.metrics))
+            value = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
         out.append(Message(topic, event.source.encode(), value, []))
     return out
 

@@ -226,3 +226,20 @@ def test_the_observer_counts_a_delivered_batch() -> None:
     assert value("events_scored_total") == 2
     assert value("anomalies_published_total") == 1
     assert value("end_to_end_latency_seconds_count") == 1
+
+
+def test_an_anomaly_of_a_huge_event_leaves_its_metrics_to_the_input_record() -> None:
+    w = work("0v")
+    huge = {"x": 10.0, "blob": "y" * 200_000}
+    w.events[0] = w.events[0]._replace(metrics=huge)
+    detector = Detector(1, DetectorSettings(warmup_events=0))
+    verdict = verdict_for(detector, w, [True])
+    assert w.prepared is not None
+    (message,) = anomaly_messages("out", ("x",), (0.0, 1.0), w.prepared, w.event_records,
+                                  verdict, detected_at=2.0)  # fmt: skip
+    assert message.value is not None
+    assert len(message.value) < 2_000
+    doc = orjson.loads(message.value)
+    assert doc["metrics"] is None
+    assert doc["metrics_omitted_bytes"] > 200_000
+    assert doc["input"] == {"topic": "t", "partition": 0, "offset": 10}
