@@ -86,15 +86,7 @@ async def read_topic(
     joins no group and commits nothing; ``client`` holds further consumer settings
     (security, client id, fetch sizes)."""
     # Subscribed without a group, the consumer is assigned every partition itself.
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level=isolation_level,
-        **client,
-    )
+    consumer = _reader(bootstrap, isolation_level, client, topic)
     await consumer.start()
     try:
         return await read_to_end(consumer, handle, on_ready=on_ready)
@@ -113,7 +105,21 @@ async def read_partitions(
 ) -> dict[TopicPartition, tuple[int, int]]:
     """``read_to_end`` on some partitions (the detector restoring its changelog), with
     a consumer of its own that joins no group and commits nothing."""
-    consumer = AIOKafkaConsumer(
+    consumer = _reader(bootstrap, isolation_level, client)
+    await consumer.start()
+    try:
+        consumer.assign(list(partitions))
+        return await read_to_end(consumer, handle, on_ends=on_ends)
+    finally:
+        await consumer.stop()
+
+
+def _reader(
+    bootstrap: str, isolation_level: str, client: dict[str, Any], *topics: str
+) -> AIOKafkaConsumer:
+    """A consumer that joins no group and commits nothing, reading from the beginning."""
+    return AIOKafkaConsumer(
+        *topics,
         bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
@@ -121,9 +127,3 @@ async def read_partitions(
         isolation_level=isolation_level,
         **client,
     )
-    await consumer.start()
-    try:
-        consumer.assign(list(partitions))
-        return await read_to_end(consumer, handle, on_ends=on_ends)
-    finally:
-        await consumer.stop()
