@@ -137,7 +137,8 @@ class AlertSender:
             ]
             try:
                 await asyncio.to_thread(self._post, self.url, alerts)
-            except (OSError, urllib.error.URLError, ValueError) as exc:
+            except Exception as exc:  # a courtesy copy: no failure of it may stop the service
+                # (http.client's IncompleteRead and BadStatusLine are not OSErrors)
                 self.failures_total += 1
                 self._on_post(False)
                 self._throttled.warning(

@@ -420,9 +420,12 @@ async def _outcomes(futures: Sequence[Future]) -> list[Outcome]:
     return [r if isinstance(r, BaseException) else None for r in results]
 
 
-def _settled(futures: Sequence[Future]) -> list[Outcome]:
-    """Each send's error as far as known now, without waiting (after an abort)."""
-    return [f.exception() if f.done() and not f.cancelled() else None for f in futures]
+def _settled(futures: Sequence[Future], count: int) -> list[Outcome]:
+    """Each of ``count`` sends' error as far as known now, without waiting (after an
+    abort); None for the sends never made (the transaction failed before them, when it
+    began or partway through handing them over)."""
+    known = [f.exception() if f.done() and not f.cancelled() else None for f in futures]
+    return known + [None] * (count - len(known))
 
 
 def _observed(future: Future) -> None:
@@ -543,7 +546,7 @@ class ExactlyOnce:
                 if self.producer._txn_manager.is_fatal_error():
                     raise Fenced(f"the transactional producer failed for good: {exc}") from None
                 again = await attempts.again(
-                    batch, _settled(futures), failed=exc, what="a transaction of"
+                    batch, _settled(futures, len(batch)), failed=exc, what="a transaction of"
                 )
                 if again is None:
                     return False

@@ -213,6 +213,8 @@ class Processor:
         self.in_flight = InFlight()
         self.lock = asyncio.Lock()
         self.listener = _Listener(self)
+        # What the assignment listener raised, for the loop to raise (see ``assigned``).
+        self._listener_failed: Exception | None = None
         self.recovery = (
             None
             if self.changelog is None or read_state is None
@@ -244,6 +246,8 @@ class Processor:
                     continue
                 fetched = await self._fetch(stop_wait)
                 async with self.lock:
+                    if self._listener_failed is not None:
+                        raise self._listener_failed
                     if self.recovery is not None:
                         self.recovery.check()
                     self.in_flight.check()
@@ -331,18 +335,26 @@ class Processor:
         if self.read_incidents is None and self.recovery is None:
             return
         async with self.lock:
-            # Nothing is in flight once this settled, so the scoring thread leaves the
-            # incidents alone while they are restored here, on the loop.
-            await self.in_flight.settle()
-            if self.recovery is not None:
-                await self.recovery.plan(assigned)
-            if self.read_incidents is None:
-                return
-            records = await self.read_incidents()
-            open_now = self.incidents.restore(records)
-            self.observer.incidents([], open_now)
-            if open_now:
-                logger.info("%d open incident(s) taken back from the incidents topic", open_now)
+            try:
+                await self._take_back(assigned)
+            except Exception as exc:
+                # aiokafka only logs a rebalance listener's errors: the loop raises it at
+                # its next step instead of running on without its state.
+                self._listener_failed = exc
+
+    async def _take_back(self, assigned: set[TopicPartition]) -> None:
+        # Nothing is in flight once this settled, so the scoring thread leaves the
+        # incidents alone while they are restored here, on the loop.
+        await self.in_flight.settle()
+        if self.recovery is not None:
+            await self.recovery.plan(assigned)
+        if self.read_incidents is None:
+            return
+        records = await self.read_incidents()
+        open_now = self.incidents.restore(records)
+        self.observer.incidents([], open_now)
+        if open_now:
+            logger.info("%d open incident(s) taken back from the incidents topic", open_now)
 
     # -- batches ----------------------------------------------------------------------
 

@@ -112,3 +112,21 @@ async def test_the_newest_record_of_a_source_is_sent_last(newest: str) -> None:
     sender.push([record(newest, "web-1@2")])
     await run_until(sender, fake, 1)
     assert fake.posts[0][-1]["annotations"]["incident_id"] == "web-1@2"
+
+
+async def test_an_error_that_is_not_an_os_error_is_retried_too() -> None:
+    # http.client.IncompleteRead (a proxy dropping the reply) is not an OSError.
+    import http.client
+
+    class Flaky(Fake):
+        def __call__(self, url: str, alerts: list[dict[str, Any]]) -> None:
+            if not self.posts and self.failures:
+                self.failures -= 1
+                raise http.client.IncompleteRead(b"")
+            super().__call__(url, alerts)
+
+    fake = Flaky(failures=1)
+    sender = AlertSender("http://am", link="", resend_seconds=60, post=fake)
+    sender.push([record("open")])
+    await run_until(sender, fake, 1)
+    assert sender.failures_total == 1

@@ -283,3 +283,21 @@ async def test_invalid_records_are_dead_lettered_with_the_batch() -> None:
     (dead,) = loop.delivery.calls[-1].messages
     assert dict(dead.headers)["dlq.reason"] == b"not_json"
     await stop(loop)
+
+
+async def test_a_failure_taking_back_state_at_assignment_stops_the_loop() -> None:
+    # aiokafka only logs what an assignment listener raises: the loop must raise it
+    # rather than run on without the incidents or statistics it failed to restore.
+    loop = await make_loop()
+
+    async def broken() -> list[dict[str, object]]:
+        raise RuntimeError("the incidents topic could not be read")
+
+    loop.processor.read_incidents = broken
+    await loop.processor.listener.on_partitions_assigned({P0, P1})  # does not raise
+    loop.start()
+    assert loop.task is not None
+    with pytest.raises(RuntimeError, match="could not be read"):
+        async with asyncio.timeout(10):
+            await loop.task
+    await loop.processor.refitter.stop()
