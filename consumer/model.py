@@ -134,16 +134,28 @@ def _gpd_pwm(excess: FloatArray) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
+class ColumnTest:
+    """A test beside the forest's score: a feature column, the tail of its values in
+    the calibration sample, and the value beyond which an event is flagged."""
+
+    column: int
+    tail: ScoreTail
+    threshold: float
+
+
+@dataclass(frozen=True)
 class FittedModel:
     """A fitted forest with the threshold it was fitted for; immutable once built.
 
-    With the default rule (a budget of false alarms), an event is anomalous when either
-    of two tests finds it rarer than half the budget: the forest's score, or, when the
-    features carry it (per-source normalisation), the event's largest |z|. The union of
-    the two keeps the budget (Bonferroni). The |z| test is there because the forest's
-    score saturates: anything beyond the training range scores like the history's most
-    extreme rows, so on the simulator events 6 sd out (all of them anomalies) scored a
-    median 0.69-0.74, under the score that 1 in 10,000 normal events exceeds.
+    With the default rule (a budget of false alarms), an event is anomalous when any of
+    the tests finds it rarer than its share of the budget: the forest's score, and each
+    of ``tests`` (the detector's largest |z| and stillness columns). Splitting the
+    budget evenly keeps it for the union (Bonferroni). The |z| test is there because
+    the forest's score saturates: anything beyond the training range scores like the
+    history's most extreme rows, so on the simulator events 6 sd out (all of them
+    anomalies) scored a median 0.69-0.74, under the score that 1 in 10,000 normal events
+    exceeds. The stillness test likewise finds a stuck source that the forest, with
+    every metric at its mean, ranks as ordinary.
     """
 
     forest: IsolationForest
@@ -160,16 +172,15 @@ class FittedModel:
     # The budget (per 10,000 normal events) the thresholds were set for; None when a
     # contamination or a fixed score threshold overrides it (then only the score counts).
     budget: float | None = None
-    # The largest |z| column's tail and its threshold, when the features have one.
-    z_tail: ScoreTail | None = None
-    z_threshold: float = math.inf
+    tests: tuple[ColumnTest, ...] = ()
 
     def judge(self, features: FloatArray) -> tuple[FloatArray, BoolArray, FloatArray]:
         """Scores, which of them exceed a threshold, and their false-alarm rates."""
         scores = self.score(features)
         anomalous: BoolArray = scores > self.threshold
-        if self.budget is not None and self.z_tail is not None:
-            anomalous |= features[:, -1] > self.z_threshold
+        if self.budget is not None:
+            for test in self.tests:
+                anomalous |= features[:, test.column] > test.threshold
         return scores, anomalous, self.false_alarm_rates(scores, features)
 
     def false_alarm_rates(
@@ -179,8 +190,10 @@ class FittedModel:
         that would just flag it: the unit of ``--false-alarm-rate``, so an event is
         reported when this is at most the budget, under any model version."""
         rate = self.tail.rate(scores)
-        if self.z_tail is not None and features is not None:
-            rate = 2.0 * np.minimum(rate, self.z_tail.rate(features[:, -1]))
+        if self.tests and features is not None:
+            for test in self.tests:
+                rate = np.minimum(rate, test.tail.rate(features[:, test.column]))
+            rate = (1 + len(self.tests)) * rate
         rates: FloatArray = np.minimum(rate, 1.0) * PER_EVENTS
         return rates
 
@@ -201,15 +214,22 @@ class FittedModel:
 
 
 def fit_model(
-    features: FloatArray, params: FitParams, *, version: int, fitted_at: float
+    features: FloatArray,
+    params: FitParams,
+    *,
+    version: int,
+    fitted_at: float,
+    tail_columns: tuple[tuple[int, float], ...] = (),
 ) -> FittedModel:
     """Fit a forest on the training features (blocking; run it in an executor).
 
     The training rows are also the calibration sample: their scores give the model's
     ``ScoreTail``, and the threshold is the score normal events exceed at the budget of
-    ``false_alarm_rate`` per 10,000. A contamination sets it instead to the training
-    scores' (1 - contamination) quantile ("auto": 0.5), and a fixed score threshold wins
-    over both.
+    ``false_alarm_rate`` per 10,000, shared evenly with a test on each of
+    ``tail_columns`` (``Detector.tail_columns``: a column, and the least threshold its
+    test may have). A contamination sets it instead to the
+    training scores' (1 - contamination) quantile ("auto": 0.5), and a fixed score
+    threshold wins over both; either way only the score counts then.
     """
     started = time.perf_counter()
     forest = IsolationForest(
@@ -230,9 +250,8 @@ def fit_model(
     )
     training_scores = model.score(features)
     tail = ScoreTail.fit(training_scores, params.tail_share)
-    z_tail = ScoreTail.fit(features[:, -1], params.tail_share) if _has_largest_z(features) else None
     budget: float | None = None
-    z_threshold = math.inf
+    tests: tuple[ColumnTest, ...] = ()
     if params.score_threshold is not None:
         threshold = params.score_threshold
     elif params.contamination == "auto":
@@ -241,26 +260,18 @@ def fit_model(
         threshold = float(np.quantile(training_scores, 1.0 - params.contamination))
     else:
         budget = params.false_alarm_rate
-        rate = budget / PER_EVENTS / (1 if z_tail is None else 2)
+        rate = budget / PER_EVENTS / (1 + len(tail_columns))
         threshold = tail.score_at(rate)
-        z_threshold = math.inf if z_tail is None else z_tail.score_at(rate)
+        tails = [(c, f, ScoreTail.fit(features[:, c], params.tail_share)) for c, f in tail_columns]
+        tests = tuple(ColumnTest(c, t, max(t.score_at(rate), f)) for c, f, t in tails)
     return replace(
         model,
         threshold=threshold,
         tail=tail,
         budget=budget,
-        z_tail=z_tail,
-        z_threshold=z_threshold,
+        tests=tests,
         fit_seconds=time.perf_counter() - started,
     )
-
-
-def _has_largest_z(features: FloatArray) -> bool:
-    """Whether the last column is the largest |value| of the others, as the detector's
-    per-source z-scores give it (``Detector._features``)."""
-    if features.ndim != 2 or features.shape[1] < 2 or len(features) == 0:
-        return False
-    return bool(np.array_equal(features[:, -1], np.abs(features[:, :-1]).max(axis=1)))
 
 
 def _path_lengths(forest: IsolationForest) -> tuple[FloatArray, ...]:

@@ -49,11 +49,16 @@ class Replay:
     fits: list[tuple[int, FloatArray]]
 
 
+TAIL_COLUMNS: tuple[tuple[int, float], ...] = ()
+
+
 def replay(sim: SimConfig, events: int, settings: DetectorSettings) -> Replay:
     simulator = Simulator(sim)
     block = simulator.next_block(events // sim.sources)
     sources = simulator.source_names
     detector = Detector(len(sim.metric_names), settings)
+    global TAIL_COLUMNS
+    TAIL_COLUMNS = detector.tail_columns
     window_of = np.floor(block.ts / WINDOW_SECONDS)
     edges = np.flatnonzero(np.diff(window_of)) + 1
     features = np.zeros((len(block), detector.history._rows.shape[1]))
@@ -98,7 +103,7 @@ Rule = Callable[[FloatArray], tuple[FittedModel, float | None]]
 def pot(budget: float, *, tail_share: float = 0.005, **fit: object) -> Rule:
     def rule(training: FloatArray) -> tuple[FittedModel, float | None]:
         params = replace(FitParams(false_alarm_rate=budget, tail_share=tail_share), **fit)  # type: ignore[arg-type]
-        model = fit_model(training, params, version=1, fitted_at=0.0)
+        model = fit_model(training, params, version=1, fitted_at=0.0, tail_columns=TAIL_COLUMNS)
         return model, None
 
     return rule

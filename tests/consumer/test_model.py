@@ -144,15 +144,17 @@ def detector_rows(n: int, seed: int = 0) -> np.ndarray:
     return np.hstack([z, np.abs(z).max(axis=1, keepdims=True)])
 
 
-def test_the_budget_sets_both_thresholds_and_is_the_rate_at_them() -> None:
-    model = fit_model(detector_rows(20_000), FitParams(false_alarm_rate=2.0, seed=1), version=1,
-                      fitted_at=0.0)  # fmt: skip
+def test_the_budget_is_shared_by_the_tests_and_is_the_rate_at_their_thresholds() -> None:
+    rows = detector_rows(20_000)
+    model = fit_model(rows, FitParams(false_alarm_rate=2.0, seed=1), version=1, fitted_at=0.0,
+                      tail_columns=((3, 0.0),))  # fmt: skip
     assert model.budget == 2.0
-    assert model.z_tail is not None
-    # Each test gets half the budget; an event at either threshold is at the budget.
+    (z_test,) = model.tests
+    assert z_test.column == 3
+    # Each of the two tests gets half the budget; an event at either threshold is at it.
     at_score = model.false_alarm_rates(np.array([model.threshold]))
     assert at_score[0] == pytest.approx(1.0)
-    edge = np.array([[model.z_threshold, 0.0, 0.0, model.z_threshold]])
+    edge = np.array([[z_test.threshold, 0.0, 0.0, z_test.threshold]])
     assert model.false_alarm_rates(model.score(edge), edge)[0] <= 2.0 + 1e-9
     fresh = detector_rows(200_000, seed=2)
     _, anomalous, rates = model.judge(fresh)
@@ -169,7 +171,7 @@ def test_overrides_decide_by_the_score_alone() -> None:
         np.testing.assert_array_equal(anomalous, scores > model.threshold)
 
 
-def test_raw_features_have_no_largest_z_test() -> None:
+def test_without_tail_columns_the_score_has_the_whole_budget() -> None:
     model = fit_model(normal(3_000), FitParams(seed=1), version=1, fitted_at=0.0)
-    assert model.z_tail is None
+    assert model.tests == ()
     assert model.false_alarm_rates(np.array([model.threshold]))[0] == pytest.approx(1.0)
