@@ -58,7 +58,7 @@ def warm_detector(
     def fit() -> None:
         rows, version = detector.training_set(time.time())
         model = fit_model(rows, settings.fit, version=version, fitted_at=time.time(),
-                          tail_columns=detector.tail_columns)  # fmt: skip
+                          layout=detector.layout)  # fmt: skip
         detector.install(model)
 
     for i in range(0, len(events), PRIME_CHUNK):

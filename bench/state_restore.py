@@ -56,6 +56,7 @@ async def write(bootstrap: str, topic: str, sources: int, partitions: int) -> in
                 last=tuple(mean[i].tolist()),
                 move=tuple(var[i].tolist()),
                 move_fast=tuple(var[i].tolist()),
+                level=tuple(mean[i].tolist()),
             )
             key = f"host-{i:06d}".encode()
             value = encode(state)

@@ -150,7 +150,7 @@ class Refitter:
     async def _fit(self, detector: Detector, training: FloatArray, version: int) -> None:
         try:
             fit = partial(fit_model, training, self.params, version=version, fitted_at=time.time(),
-                          tail_columns=detector.tail_columns)  # fmt: skip
+                          layout=detector.layout)  # fmt: skip
             model = await self._run(fit)
         except Exception:
             self.failures_in_a_row += 1

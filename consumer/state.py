@@ -7,11 +7,12 @@ as JSON::
 
     {"v": 1, "offset": 1234, "ts": 1700000000.0, "features": ["cpu", "mem"],
      "count": 812, "mean": [0.41, 0.63], "var": [0.0021, 0.0009],
-     "last": [0.40, 0.63], "move": [0.012, 0.001], "move_fast": [0.010, 0.001]}
+     "last": [0.40, 0.63], "move": [0.012, 0.001], "move_fast": [0.010, 0.001],
+     "level": [0.3, -0.1]}
 
-``last``, ``move`` and ``move_fast`` are the source's last values and its long-run and
-recent movement (``SourceNormalizer.stillness``); records of format 1 lack them, and
-restore with no movement learned yet.
+``last``, ``move``, ``move_fast`` and ``level`` are the source's last values, its
+long-run and recent movement and its recent level (``SourceNormalizer.temporal``);
+records of format 1 lack them, and restore with none learned yet.
 
 ``offset`` is the input offset the record reflects: the last offset of that input
 partition in the batch. The records go out in the batch's own ``deliver`` call, so they
@@ -62,6 +63,7 @@ class SourceState:
     last: tuple[float, ...] = ()
     move: tuple[float, ...] = ()
     move_fast: tuple[float, ...] = ()
+    level: tuple[float, ...] = ()
 
 
 def encode(state: SourceState) -> bytes:
@@ -77,6 +79,7 @@ def encode(state: SourceState) -> bytes:
             "last": state.last,
             "move": state.move,
             "move_fast": state.move_fast,
+            "level": state.level,
         }
     )
 
@@ -100,6 +103,7 @@ def decode(value: bytes) -> SourceState:
             last=tuple(float(x) for x in doc.get("last", ())),
             move=tuple(float(x) for x in doc.get("move", ())),
             move_fast=tuple(float(x) for x in doc.get("move_fast", ())),
+            level=tuple(float(x) for x in doc.get("level", ())),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, Unreadable):
@@ -108,7 +112,7 @@ def decode(value: bytes) -> SourceState:
     n = len(state.features)
     if len(state.mean) != n or len(state.var) != n or state.count < 0:
         raise Unreadable("mean, var and features differ in length")
-    if any(len(x) not in (0, n) for x in (state.last, state.move, state.move_fast)):
+    if any(len(x) not in (0, n) for x in (state.last, state.move, state.move_fast, state.level)):
         raise Unreadable("movement and features differ in length")
     return state
 
@@ -213,6 +217,7 @@ class StateTracker:
                 last=tuple(stats.last[i].tolist()),
                 move=tuple(stats.move[i].tolist()),
                 move_fast=tuple(stats.move_fast[i].tolist()),
+                level=tuple(stats.level[i].tolist()),
             )
             messages.append(Message(self.topic, source.encode(), encode(state), [], partition))
         for source, partition in expired:
@@ -239,7 +244,9 @@ def as_rows(states: Sequence[SourceState]) -> SourceRows:
         return np.array(values, dtype=np.float64).reshape(n, width)
 
     count = np.fromiter((s.count for s in states), dtype=np.int64, count=n)
-    return SourceRows(count, *(column(c) for c in ("mean", "var", "last", "move", "move_fast")))
+    return SourceRows(
+        count, *(column(c) for c in ("mean", "var", "last", "move", "move_fast", "level"))
+    )
 
 
 class Changelog:

@@ -69,7 +69,7 @@ def replay(
                 training = np.concatenate([p.features for _, p in held])
             model = fit_model(
                 training, detector.settings.fit, version=version, fitted_at=now,
-                tail_columns=detector.tail_columns,
+                layout=detector.layout,
             )  # fmt: skip
             detector.install(model)
             if held:

@@ -119,7 +119,7 @@ def test_stillness_is_the_log_ratio_of_usual_to_recent_movement(
     usual = np.tile([0.0, 1.0], 400)
     steps = np.cumsum(np.r_[0.0, tail * np.resize([1.0, -1.0], len(tail))])[1:] + usual[-1]
     table = learned(usual[:, None])
-    still = table.stillness(table.rows(["a"] * len(steps), create=False), steps[:, None])
+    still = table.temporal(table.rows(["a"] * len(steps), create=False), steps[:, None])[0]
     # The long run's estimate carries a little of the history's weighting: within 5%.
     assert still[-1] == pytest.approx(expected, rel=0.05, abs=0.02)
 
@@ -132,9 +132,9 @@ def test_stillness_reads_a_batch_in_order_like_one_event_at_a_time() -> None:
     expected = []
     for event in probe:
         row = one_by_one.rows(["a"])
-        expected.append(one_by_one.stillness(row, event[None, :])[0])
+        expected.append(one_by_one.temporal(row, event[None, :])[0][0])
         one_by_one.update(row, event[None, :], np.ones(1, dtype=bool))
-    got = in_batches.stillness(in_batches.rows(["a"] * len(probe)), probe)
+    got = in_batches.temporal(in_batches.rows(["a"] * len(probe)), probe)[0]
     # One at a time, the long-run movement also learns from the events before each one;
     # in a batch it stands as at the batch's start. The recent movement is the same.
     assert np.corrcoef(got, expected)[0, 1] > 0.99
@@ -148,11 +148,11 @@ def test_a_stuck_source_is_still_and_a_moving_one_is_not() -> None:
         table.update(table.rows([source] * 500), history, np.ones(500, dtype=bool))
     later = 100 + rng.standard_normal((20, 3))
     stuck = np.repeat(later[:1], 20, axis=0)
-    moving_still = table.stillness(table.rows(["moving"] * 20), later)
-    stuck_still = table.stillness(table.rows(["stuck"] * 20), stuck)
+    moving_still = table.temporal(table.rows(["moving"] * 20), later)[0]
+    stuck_still = table.temporal(table.rows(["stuck"] * 20), stuck)[0]
     assert np.abs(moving_still).max() < 1.0
     assert stuck_still[-1] > 2.5
     # A metric that never moves counts as moving as usual, not as infinitely still.
     constant = SourceNormalizer(1, warmup_events=5)
     constant.update(constant.rows(["c"] * 50), np.full((50, 1), 7.0), np.ones(50, dtype=bool))
-    assert constant.stillness(constant.rows(["c"] * 5), np.full((5, 1), 7.0)) == pytest.approx(0)
+    assert constant.temporal(constant.rows(["c"] * 5), np.full((5, 1), 7.0))[0] == pytest.approx(0)

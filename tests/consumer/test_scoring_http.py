@@ -65,7 +65,7 @@ def fitted(features: tuple[str, ...]) -> FakeLive:
             detector.settings.fit,
             version=version,
             fitted_at=NOW,
-            tail_columns=detector.tail_columns,
+            layout=detector.layout,
         )
     )
     return FakeLive(EventParser(features), detector)

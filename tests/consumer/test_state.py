@@ -101,8 +101,8 @@ def test_the_normalizer_rows_survive_export_and_import() -> None:
     )
     # The movement travels too: stillness reads the last values and both movements.
     assert np.array_equal(
-        target.stillness(target.rows(names, create=False), probe),
-        source.stillness(source.rows(names, create=False), probe),
+        target.temporal(target.rows(names, create=False), probe)[0],
+        source.temporal(source.rows(names, create=False), probe)[0],
     )
     assert target.forget(["a", "zz"]) == 1
     assert target.sources() == ["c"]
@@ -112,7 +112,9 @@ def test_import_beyond_the_table_evicts_instead_of_failing() -> None:
     table = SourceNormalizer(1, max_sources=3)
     names = [f"s{i}" for i in range(5)]
     zeros = np.zeros((5, 1))
-    table.import_rows(names, SourceRows(np.arange(5), zeros, np.ones((5, 1)), zeros, zeros, zeros))
+    table.import_rows(
+        names, SourceRows(np.arange(5), zeros, np.ones((5, 1)), zeros, zeros, zeros, zeros)
+    )
     assert len(table) <= 3
     assert "s4" in table.sources()
 
