@@ -2,7 +2,7 @@
 
 False incidents are rare events: the issue's target, 5 per hour per 100 sources, is at
 the simulator's default (50 sources at 1,000 events/s, 20 events a second per source)
-one false incident in 14 million normal events, and a single false incident of a
+one false incident in 1.4 million normal events, and a single false incident of a
 four-minute run already reads 30. So the measurement is a replay over long streams.
 
 By default, long simulated streams (``--events`` per anomaly rate and seed) are judged
