@@ -23,6 +23,7 @@ batch judged again after a crash names the same incident.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -147,8 +148,10 @@ def followed(
     anomalies are the gaps the opening rule counts, also within the batch that brought
     its first one; every other normal event changes nothing."""
     follow = set(watched)
-    follow.update(s for s, a in zip(sources, anomalous, strict=True) if a)
-    return [i for i, (s, a) in enumerate(zip(sources, anomalous, strict=True)) if a or s in follow]
+    follow.update(itertools.compress(sources, anomalous))  # an anomaly's source is followed
+    if not follow:
+        return []
+    return [i for i, s in enumerate(sources) if s in follow]
 
 
 def incident_id(source: str, started_at: float) -> str:
