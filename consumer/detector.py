@@ -173,26 +173,12 @@ class Detector:
         ``events_per_round`` events per source, each scored against the statistics the
         rounds before it taught.
         """
-        parts = rounds(prepared.rows, self.events_per_round, self._warming(prepared))
-        if len(parts) == 1:
-            verdict = self.score(prepared, model)
-            self.learn(prepared)
-            return prepared, verdict
-        features = np.empty_like(prepared.features)
-        warmed = np.empty_like(prepared.warmed)
-        scores = np.empty(len(prepared))
-        anomalous = np.empty(len(prepared), dtype=bool)
-        for idx in parts:
-            part = self._prepared(
-                [prepared.events[i] for i in idx], prepared.rows[idx], prepared.values[idx]
-            )
-            verdict = self.score(part, model)
-            self.learn(part)
-            features[idx], warmed[idx] = part.features, part.warmed
-            scores[idx], anomalous[idx] = verdict.scores, verdict.anomalous
-        rates = model.false_alarm_rates(scores, features)
-        judged = replace(prepared, features=features, warmed=warmed)
-        return judged, Verdict(scores, anomalous, model, rates)
+        # Learning never depends on the scores, so the rounds only learn and fix each
+        # event's features; the forest then scores the whole batch in one call (each
+        # event's score depends on its features alone). Per round, it took the GIL back
+        # once per tree and round (see consumer/forest.py).
+        judged = self._learn_in_rounds(prepared)
+        return judged, self.score(judged, model)
 
     def _warming(self, prepared: Prepared) -> IntArray:
         """Per event, how many events its source still lacks to be warmed."""
@@ -233,7 +219,15 @@ class Detector:
         statistics that learned from the whole hold), the warm-up guard applies to them,
         and an outlier in the hold teaches neither the statistics nor the history.
         """
+        return self._learn_in_rounds(prepared)
+
+    def _learn_in_rounds(self, prepared: Prepared) -> Prepared:
+        """Learn a batch in rounds (``rounds``); the batch with each event's features and
+        warm-up flag as they stood in its round."""
         parts = rounds(prepared.rows, self.events_per_round, self._warming(prepared))
+        if len(parts) == 1:
+            self.learn(prepared)
+            return prepared
         features = np.empty_like(prepared.features)
         warmed = np.empty_like(prepared.warmed)
         for idx in parts:

@@ -1,0 +1,86 @@
+"""The packed forest: the same path lengths as sklearn's trees, walked all at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.ensemble import IsolationForest
+
+from consumer import forest as packed
+from consumer.forest import PackedForest, average_path_length, pack_forest, path_sums_numpy
+
+
+def rows(n: int, seed: int, columns: int = 4) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, columns))
+
+
+def per_tree_sums(forest: IsolationForest, x: np.ndarray) -> np.ndarray:
+    """The reference: one tree at a time through sklearn's own ``apply``, in tree order."""
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    total = np.zeros(len(x))
+    for estimator in forest.estimators_:
+        tree = estimator.tree_
+        lengths = tree.compute_node_depths() + average_path_length(tree.n_node_samples) - 1.0
+        total += lengths[tree.apply(x32)]
+    return total
+
+
+def fitted(n: int, max_samples: int, columns: int = 4) -> IsolationForest:
+    return IsolationForest(n_estimators=30, max_samples=min(n, max_samples), random_state=3).fit(
+        rows(n, seed=1, columns=columns)
+    )
+
+
+def probe(columns: int = 4) -> np.ndarray:
+    extremes = np.array([[8.0] * columns, [-1e3] * columns, [0.0] * columns])
+    return np.vstack([rows(700, seed=2, columns=columns), extremes])
+
+
+@pytest.mark.parametrize(("n", "max_samples"), [(3000, 256), (300, 1024), (3, 1024), (1, 1024)])
+def test_both_walks_give_exactly_the_per_tree_sums(n: int, max_samples: int) -> None:
+    forest = fitted(n, max_samples)
+    trees = pack_forest(forest)
+    x = probe()
+    expected = per_tree_sums(forest, x)
+    x64 = np.ascontiguousarray(x, dtype=np.float32).astype(np.float64)
+    np.testing.assert_array_equal(path_sums_numpy(trees, x64), expected)
+    np.testing.assert_array_equal(trees.path_sums(x.astype(np.float32)), expected)
+
+
+def test_any_number_of_columns_and_events() -> None:
+    forest = fitted(2000, 256, columns=7)
+    trees = pack_forest(forest)
+    for n in (0, 1, 15, 16, 17, 5000):  # around the kernel's interleave and numpy's chunk
+        x = rows(n, seed=n, columns=7)
+        got = trees.path_sums(x.astype(np.float32))
+        np.testing.assert_array_equal(got, per_tree_sums(forest, x))
+
+
+def test_scores_equal_sklearns_score_samples() -> None:
+    forest = fitted(3000, 256)
+    x = probe()
+    np.testing.assert_allclose(pack_forest(forest).scores(x), -forest.score_samples(x), rtol=1e-12)
+
+
+def test_a_single_row_forest_scores_the_middle() -> None:
+    trees = pack_forest(fitted(1, 1024))
+    assert trees.depth == 0
+    assert (trees.scores(probe()) == 0.5).all()
+
+
+def test_leaves_point_at_themselves() -> None:
+    trees: PackedForest = pack_forest(fitted(3000, 256))
+    leaves = np.flatnonzero(trees.children[0::2] == np.arange(len(trees.threshold)))
+    assert len(leaves) > len(trees)  # many leaves per tree
+    np.testing.assert_array_equal(trees.children[1::2][leaves], leaves)
+
+
+def test_without_numba_the_numpy_walk_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    forest = fitted(3000, 256)
+    monkeypatch.setattr(packed, "_kernel", None)
+    monkeypatch.setattr(packed, "_kernel_tried", True)
+    assert packed.compiled_kernel() is None
+    x = probe()
+    np.testing.assert_array_equal(
+        pack_forest(forest).path_sums(x.astype(np.float32)), per_tree_sums(forest, x)
+    )
