@@ -24,7 +24,7 @@ from aiokafka import TopicPartition
 
 from consumer.alerts import AlertSender
 from consumer.detector import Detector, Prepared, Verdict
-from consumer.events import Event, Invalid
+from consumer.events import Events, Invalid
 from consumer.incidents import IncidentTracker, Point
 from consumer.kafka_io import Message
 from consumer.messages import Record, anomaly_messages, dead_letter, incident_message
@@ -54,7 +54,7 @@ class Work:
     """
 
     batch: Batch[Record]
-    events: list[Event]
+    events: Events
     event_records: list[Record]
     invalid: list[tuple[Record, Invalid]]
     prepared: Prepared | None = None
@@ -74,7 +74,7 @@ class Work:
         keep = np.array([tp_of(r) not in partitions for r in self.event_records], dtype=bool)
         return Work(
             Batch(self.batch.start, self.batch.end, records),
-            [e for e, k in zip(self.events, keep, strict=True) if k],
+            self.events.select(keep),
             [r for r, k in zip(self.event_records, keep, strict=True) if k],
             [(r, why) for r, why in self.invalid if tp_of(r) not in partitions],
             None if self.prepared is None else self.prepared.select(keep),
@@ -206,39 +206,46 @@ class Finisher:
         records = work.event_records
         return self.changelog.batch_messages(
             detector.normalizer,
-            [e.source for e in work.events],
+            work.events.sources,
             [r.partition for r in records],
             [r.offset for r in records],
-            [e.ts for e in work.events],
+            work.events.ts.tolist(),
         )
 
     def _track(self, prepared: Prepared, verdict: Verdict) -> list[dict[str, Any]]:
         """Scoring thread: fold the judged batch into the incidents. Only events of
         sources with an anomaly now or an incident (or pending anomalies) matter."""
         events = prepared.events
-        if not events:
+        if not len(events):
             return []
         anomalous = verdict.anomalous.tolist()
         rates = verdict.false_alarm_rates
         watched = self.incidents.watched
         names = self.features
+        sources, ts = events.sources, events.ts.tolist()
         points = []
-        for i, event in enumerate(events):
+        for i, source in enumerate(sources):
             if anomalous[i]:
                 zscores = None
                 if names is not None:
                     row = prepared.features[i, : len(names)].round(3).tolist()
                     zscores = dict(zip(names, row, strict=True))
-                points.append(Point(event.source, event.ts, True, float(verdict.scores[i]),
+                points.append(Point(source, ts[i], True, float(verdict.scores[i]),
                                     float(rates[i]), zscores))  # fmt: skip
-            elif event.source in watched:
-                points.append(Point(event.source, event.ts, False))
-        return self.incidents.track(points, stream_ts=max(e.ts for e in events))
+            elif source in watched:
+                points.append(Point(source, ts[i], False))
+        return self.incidents.track(points, stream_ts=max(ts))
 
 
 async def free_in_slices(work: Work) -> None:
     """Drop a finished batch's objects a slice at a time (see FREE_SLICE_OBJECTS)."""
-    for objects in (work.event_records, work.events, work.batch.records):
+    objects: list[Any]
+    for objects in (
+        work.event_records,
+        work.events.metrics,
+        work.events.sources,
+        work.batch.records,
+    ):
         while objects:
             del objects[-FREE_SLICE_OBJECTS:]
             await asyncio.sleep(0)

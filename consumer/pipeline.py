@@ -44,7 +44,7 @@ from consumer.batch import Delivery, Finisher, InFlight, Topics, Work, free_in_s
 from consumer.coldstart import ColdStart
 from consumer.config import Config
 from consumer.detector import Detector, DetectorSettings, Prepared
-from consumer.events import Event, EventParser, Invalid, Limits
+from consumer.events import EventParser, Events, Invalid, Limits
 from consumer.incidents import IncidentSettings, IncidentTracker
 from consumer.kafka_io import Message
 from consumer.messages import Record
@@ -359,21 +359,24 @@ class Processor:
     # -- batches ----------------------------------------------------------------------
 
     async def _handle(self, batch: Batch[Record], now: float) -> None:
-        events: list[Event] = []
+        parts: list[Events] = []
         event_records: list[Record] = []
         invalid: list[tuple[Record, Invalid]] = []
-        parse = self.parser.parse
+        parse = self.parser.parse_many
         records = batch.records
         for start in range(0, len(records), _PARSE_SLICE_RECORDS):
             if start:
                 await asyncio.sleep(0)  # see _PARSE_SLICE_RECORDS
-            for record in records[start : start + _PARSE_SLICE_RECORDS]:
-                result = parse(record.value, record.timestamp, now)
-                if isinstance(result, Event):
-                    events.append(result)
-                    event_records.append(record)
-                else:
-                    invalid.append((record, result))
+            chunk = records[start : start + _PARSE_SLICE_RECORDS]
+            valid, refused = parse([r.value for r in chunk], [r.timestamp for r in chunk], now)
+            parts.append(valid)
+            if not refused:
+                event_records.extend(chunk)
+                continue
+            bad = {i for i, _ in refused}
+            event_records.extend(r for i, r in enumerate(chunk) if i not in bad)
+            invalid.extend((chunk[i], why) for i, why in refused)
+        events = Events.concat(parts, len(self.parser.features or ()))
         work = Work(batch, events, event_records, invalid)
         # The batch before this one learns when it is judged: let it, so that this one
         # is judged against statistics that include it.

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from consumer.batch import InFlight, Work
 from consumer.coldstart import ColdStart
 from consumer.detector import Detector, DetectorSettings, Verdict
-from consumer.events import Event, Invalid
+from consumer.events import Event, Events, Invalid
 from consumer.http import Health
 from consumer.messages import Record, anomaly_messages, dead_letter
 from consumer.metrics import DetectorMetrics
@@ -55,7 +55,7 @@ def work(layout: str) -> Work:
             event_records.append(record)
         else:
             invalid.append((record, Invalid("not_json", "not JSON")))
-    return Work(Batch(0.0, 1.0, records), events, event_records, invalid)
+    return Work(Batch(0.0, 1.0, records), Events.of(events, 1), event_records, invalid)
 
 
 def observer() -> tuple[Observer, CollectorRegistry]:
@@ -231,7 +231,7 @@ def test_the_observer_counts_a_delivered_batch() -> None:
 def test_an_anomaly_of_a_huge_event_leaves_its_metrics_to_the_input_record() -> None:
     w = work("0v")
     huge = {"x": 10.0, "blob": "y" * 200_000}
-    w.events[0] = w.events[0]._replace(metrics=huge)
+    w.events.metrics[0] = huge
     detector = Detector(1, DetectorSettings(warmup_events=0))
     verdict = verdict_for(detector, w, [True])
     assert w.prepared is not None
