@@ -7,7 +7,14 @@ import pytest
 from sklearn.ensemble import IsolationForest
 
 from consumer import forest as packed
-from consumer.forest import PackedForest, average_path_length, pack_forest, path_sums_numpy
+from consumer.forest import (
+    LEFT,
+    RIGHT,
+    PackedForest,
+    average_path_length,
+    pack_forest,
+    path_sums_numpy,
+)
 
 
 def rows(n: int, seed: int, columns: int = 4) -> np.ndarray:
@@ -42,8 +49,8 @@ def test_both_walks_give_exactly_the_per_tree_sums(n: int, max_samples: int) -> 
     trees = pack_forest(forest)
     x = probe()
     expected = per_tree_sums(forest, x)
-    x64 = np.ascontiguousarray(x, dtype=np.float32).astype(np.float64)
-    np.testing.assert_array_equal(path_sums_numpy(trees, x64), expected)
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    np.testing.assert_array_equal(path_sums_numpy(trees, x32), expected)
     np.testing.assert_array_equal(trees.path_sums(x.astype(np.float32)), expected)
 
 
@@ -70,9 +77,21 @@ def test_a_single_row_forest_scores_the_middle() -> None:
 
 def test_leaves_point_at_themselves() -> None:
     trees: PackedForest = pack_forest(fitted(3000, 256))
-    leaves = np.flatnonzero(trees.children[0::2] == np.arange(len(trees.threshold)))
+    leaves = np.flatnonzero(trees.nodes[:, LEFT] == np.arange(len(trees.nodes)))
     assert len(leaves) > len(trees)  # many leaves per tree
-    np.testing.assert_array_equal(trees.children[1::2][leaves], leaves)
+    np.testing.assert_array_equal(trees.nodes[leaves, RIGHT], leaves)
+
+
+def test_float32_thresholds_split_float32_values_as_the_float64_ones_do() -> None:
+    forest = fitted(3000, 256)
+    exact = np.concatenate([e.tree_.threshold for e in forest.estimators_])
+    rounded = pack_forest(forest).thresholds.astype(np.float64)
+    assert (rounded <= exact).all()
+    # Values at, just below and just above each threshold, as float32.
+    for step in (-1, 0, 1):
+        x = np.nextafter(exact.astype(np.float32), np.float32(step * np.inf)) if step else exact
+        x32 = np.asarray(x, dtype=np.float32)
+        np.testing.assert_array_equal(x32 <= rounded, x32.astype(np.float64) <= exact)
 
 
 def test_without_numba_the_numpy_walk_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
