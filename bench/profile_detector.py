@@ -10,7 +10,8 @@ scoring thread) at almost no cost; without it, cProfile profiles the event loop'
 thread only (and slows Python code down about twice). Prints, per function, its share
 of the samples of busy threads during the drain (priming left out): on the stack
 (inclusive) and at the top (own), and per thread how busy it was; then deletes the
-topics. --idle counts waiting threads too (where the wall time goes); --save keeps
+topics. --idle counts waiting threads too (where the wall time goes), --gil only the
+thread holding the GIL (what the two threads cannot do side by side); --save keeps
 py-spy's collapsed stacks (``PATH``, the input of any flame graph tool: speedscope,
 flamegraph.pl, inferno) and the printed summary (``PATH`` with ``.summary.txt``).
 Start the broker first (``KAFKA_LOCAL_PORT=29692 scripts/kafka-local start``).
@@ -101,9 +102,10 @@ def _short(frame: str) -> str:
 RATE = 250
 
 
-def _attach(py_spy: str, output: Path, idle: bool) -> subprocess.Popen[bytes]:
+def _attach(py_spy: str, output: Path, idle: bool, gil: bool) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [py_spy, "record", "--pid", str(os.getpid()), "--threads", *(["--idle"] if idle else []),
+         *(["--gil"] if gil else []),
          "--rate", str(RATE), "--format", "raw", "--output", str(output)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -118,6 +120,7 @@ async def profile(
     py_spy: str | None,
     *,
     idle: bool = False,
+    gil: bool = False,
     save: Path | None = None,
 ) -> str:
     prefix = f"bench-prof-{uuid.uuid4().hex[:6]}"
@@ -131,7 +134,7 @@ async def profile(
         if py_spy:
             raw = save or Path(tempfile.mkdtemp()) / "drain.txt"
             raw.parent.mkdir(parents=True, exist_ok=True)
-            spy = _attach(py_spy, raw, idle)
+            spy = _attach(py_spy, raw, idle, gil)
             await asyncio.sleep(1.0)  # attached
             attached = time.perf_counter()
             try:
@@ -177,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--py-spy", help="path of a py-spy executable: sample every thread")
     parser.add_argument("--idle", action="store_true", help="with --py-spy: waiting threads too")
+    parser.add_argument(
+        "--gil", action="store_true", help="with --py-spy: only the thread holding the GIL"
+    )
     parser.add_argument("--save", type=Path, help="with --py-spy: keep the collapsed stacks here")
     args = parser.parse_args(argv)
     text = asyncio.run(
@@ -187,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.top,
             args.py_spy,
             idle=args.idle,
+            gil=args.gil,
             save=args.save,
         )
     )

@@ -1,11 +1,11 @@
-"""A closed window on its way out, and the one batch in flight.
+"""A closed window on its way out, and the batches in flight.
 
 ``Work`` is a parsed window. ``Finisher.finish`` takes it the rest of the way: judge
 its events (in the scoring thread: preparing the features, scoring, learning and
 encoding the anomalies are one job there), publish the anomalies and dead letters,
 and only then commit its offsets (on the loop, through the delivery mode). ``InFlight``
-holds the one batch being finished while the loop reads the next, and keeps what it
-raised until the loop can raise it.
+holds the batches being finished, one after the other, while the loop reads the next,
+and keeps what they raised until the loop can raise it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -218,23 +219,31 @@ class Finisher:
         events = prepared.events
         if not len(events):
             return []
-        anomalous = verdict.anomalous.tolist()
+        anomalous = verdict.anomalous
         rates = verdict.false_alarm_rates
         watched = self.incidents.watched
         names = self.features
-        sources, ts = events.sources, events.ts.tolist()
+        sources, ts = events.sources, events.ts
+        # Only anomalies and the watched sources' events make points: found with C-level
+        # loops, not a Python loop over the batch.
+        matters = anomalous
+        if watched:
+            matters = matters | np.fromiter(
+                map(watched.__contains__, sources), dtype=bool, count=len(sources)
+            )
         points = []
-        for i, source in enumerate(sources):
+        for i in np.flatnonzero(matters).tolist():
+            source, t = sources[i], float(ts[i])
             if anomalous[i]:
                 zscores = None
                 if names is not None:
                     row = prepared.features[i, : len(names)].round(3).tolist()
                     zscores = dict(zip(names, row, strict=True))
-                points.append(Point(source, ts[i], True, float(verdict.scores[i]),
+                points.append(Point(source, t, True, float(verdict.scores[i]),
                                     float(rates[i]), zscores))  # fmt: skip
-            elif source in watched:
-                points.append(Point(source, ts[i], False))
-        return self.incidents.track(points, stream_ts=max(ts))
+            else:
+                points.append(Point(source, t, False))
+        return self.incidents.track(points, stream_ts=float(ts.max()))
 
 
 async def free_in_slices(work: Work) -> None:
@@ -252,26 +261,53 @@ async def free_in_slices(work: Work) -> None:
 
 
 class InFlight:
-    """The one batch being finished while the loop reads the next (on the loop).
+    """The batches being finished while the loop reads the next (on the loop): at most
+    ``depth`` of them, each started only once the one before it is finished (judged,
+    published and committed), so batches are judged, learned from and committed in
+    order, as with one at a time.
 
-    Its error surfaces where the loop settles it or checks on it; a revocation settles
-    it from aiokafka's rebalance listener, which only logs errors, so the error is kept
-    for the loop to raise at its next step.
+    With one in flight, the loop waited for the batch before to be judged before it read
+    on: on the warm drain, a quarter of its wall time (0.9 s of 3.5 s, 200,000 events).
+    With two, it parses the next window meanwhile, and waits only when it is two ahead.
+
+    The first error surfaces where the loop settles or checks on the batches; the ones
+    after a failed batch are never started (left uncommitted). A revocation settles them
+    from aiokafka's rebalance listener, which only logs errors, so the error is kept for
+    the loop to raise at its next step.
     """
 
-    def __init__(self) -> None:
-        self._task: asyncio.Task[Any] | None = None
+    def __init__(self, depth: int = 1) -> None:
+        self.depth = depth
+        self._tasks: deque[asyncio.Task[Any]] = deque()
         self._failed: BaseException | None = None
 
-    def start(self, job: Coroutine[Any, Any, Any]) -> None:
-        assert self._task is None, "one batch in flight at a time"
-        self._task = asyncio.create_task(job)
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def start(self, job: Coroutine[Any, Any, Any]) -> None:
+        """Queue ``job`` behind the batches in flight, first waiting while ``depth`` are
+        (the oldest one's errors surface here)."""
+        try:
+            while len(self._tasks) >= self.depth:
+                await self._settle_oldest()
+        except BaseException:
+            job.close()
+            raise
+        before = self._tasks[-1] if self._tasks else None
+        self._tasks.append(asyncio.create_task(_after(before, job)))
+
+    async def _settle_oldest(self) -> None:
+        task = self._tasks[0]
+        try:
+            await task
+        finally:
+            if self._tasks and self._tasks[0] is task:
+                self._tasks.popleft()
 
     async def settle(self) -> None:
-        """Wait until the batch in flight is committed (its errors surface here)."""
-        task, self._task = self._task, None
-        if task is not None:
-            await task
+        """Wait until every batch in flight is committed (their errors surface here)."""
+        while self._tasks:
+            await self._settle_oldest()
 
     async def settle_for_revocation(self) -> None:
         try:
@@ -280,19 +316,35 @@ class InFlight:
             self._failed = exc
 
     def check(self) -> None:
-        """Raise what the batch in flight raised, if it has finished with an error."""
+        """Raise what a batch in flight raised, if one has finished with an error."""
         if self._failed is not None:
             raise self._failed
-        task = self._task
-        if task is not None and task.done() and not task.cancelled():
-            error = task.exception()
-            if error is not None:
-                self._task = None
+        while self._tasks and self._tasks[0].done():
+            task = self._tasks.popleft()
+            if not task.cancelled() and task.exception() is not None:
+                error = task.exception()
+                assert error is not None
                 raise error
 
     async def cancel(self) -> None:
-        """Only on an error: the normal way out settled it. Uncommitted is safe."""
-        task, self._task = self._task, None
-        if task is not None:
+        """Only on an error: the normal way out settled them. Uncommitted is safe."""
+        tasks, self._tasks = list(self._tasks), deque()
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _after(before: asyncio.Task[Any] | None, job: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``job`` once ``before`` has finished, unless it failed or was cancelled (its
+    own task reports that): then ``job`` never starts."""
+    started = False
+    try:
+        if before is not None:
+            await asyncio.wait({before})
+            if before.cancelled() or before.exception() is not None:
+                return None
+        started = True
+        return await job
+    finally:
+        if not started:
+            job.close()
