@@ -223,7 +223,8 @@ def fit_model(
         trees=pack_forest(forest),
         tail=ScoreTail.fit(np.empty(0)),
     )
-    training_scores = model.score(features)
+    # In the fitting process: the same scores without compiling the walk there.
+    training_scores = model.trees.scores(features, compile_kernel=False)
     tail = ScoreTail.fit(training_scores, params.tail_share)
     z_tail = ScoreTail.fit(features[:, -1], params.tail_share) if _has_largest_z(features) else None
     budget: float | None = None
