@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -110,10 +110,10 @@ class Events:
         if not parts:
             return cls([], np.empty(0), np.empty((0, n_features)), [])
         return cls(
-            [s for p in parts for s in p.sources],
+            list(chain.from_iterable(p.sources for p in parts)),
             np.concatenate([p.ts for p in parts]),
             np.concatenate([p.values.reshape(len(p), n_features) for p in parts]),
-            [m for p in parts for m in p.metrics],
+            list(chain.from_iterable(p.metrics for p in parts)),
         )
 
     def __len__(self) -> int:
@@ -131,12 +131,11 @@ class Events:
     def take(self, idx: IntArray) -> Events:
         """The events at positions ``idx``, in that order."""
         positions = idx.tolist()
-        sources, metrics = self.sources, self.metrics
         return Events(
-            [sources[i] for i in positions],
+            list(map(self.sources.__getitem__, positions)),
             self.ts[idx],
             self.values[idx],
-            [metrics[i] for i in positions],
+            list(map(self.metrics.__getitem__, positions)),
         )
 
     def select(self, keep: BoolArray) -> Events:
