@@ -72,21 +72,21 @@ class PackedForest:
     def thresholds(self) -> npt.NDArray[np.float32]:
         return self.nodes.view(np.float32)[:, THRESHOLD]
 
-    def scores(self, features: FloatArray, *, compile_kernel: bool = True) -> FloatArray:
+    def scores(self, features: FloatArray, *, compiled: bool = True) -> FloatArray:
         """Anomaly scores in [0, 1] (see ``FittedModel.score``)."""
         x = np.ascontiguousarray(features, dtype=np.float32)  # what the trees split on
         if self.average <= 0:
             return np.full(len(x), 0.5)
-        sums = self.path_sums(x, compile_kernel=compile_kernel)
+        sums = self.path_sums(x, compiled=compiled)
         scores: FloatArray = 2.0 ** -(sums / self.average)
         return scores
 
-    def path_sums(self, x: npt.NDArray[np.float32], *, compile_kernel: bool = True) -> FloatArray:
+    def path_sums(self, x: npt.NDArray[np.float32], *, compiled: bool = True) -> FloatArray:
         """Per event, the sum over the trees of its path length, in tree order.
 
-        ``compile_kernel=False`` uses the compiled walk only if this process has it
-        already: the fitting process never imports numba (about 110 MiB of resident
-        LLVM, and a second of CPU at its first fit) for the same numbers.
+        ``compiled=False`` walks with numpy whether or not numba is there: the fitting
+        process never imports numba (about 110 MiB of resident LLVM, and a second of CPU
+        at its first fit) for the same numbers.
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2:
@@ -94,7 +94,7 @@ class PackedForest:
         out = np.zeros(len(x))
         if len(x) == 0 or len(self.roots) == 0:
             return out
-        kernel = compiled_kernel() if compile_kernel else _kernel
+        kernel = compiled_kernel() if compiled else None
         if kernel is not None:
             kernel(
                 x, self.roots, self.nodes, self.nodes.view(np.float32), self.path_length,

@@ -223,8 +223,9 @@ def fit_model(
         trees=pack_forest(forest),
         tail=ScoreTail.fit(np.empty(0)),
     )
-    # In the fitting process: the same scores without compiling the walk there.
-    training_scores = model.trees.scores(features, compile_kernel=False)
+    # In the fitting process: the same scores as the compiled walk, without numba there
+    # (and the same cost wherever a fit runs).
+    training_scores = model.trees.scores(features, compiled=False)
     tail = ScoreTail.fit(training_scores, params.tail_share)
     z_tail = ScoreTail.fit(features[:, -1], params.tail_share) if _has_largest_z(features) else None
     budget: float | None = None
