@@ -75,9 +75,12 @@ class PackedForest:
     def scores(self, features: FloatArray, *, compiled: bool = True) -> FloatArray:
         """Anomaly scores in [0, 1] (see ``FittedModel.score``)."""
         x = np.ascontiguousarray(features, dtype=np.float32)  # what the trees split on
+        return self.scores_of(self.path_sums(x, compiled=compiled))
+
+    def scores_of(self, sums: FloatArray) -> FloatArray:
+        """Anomaly scores from the summed path lengths."""
         if self.average <= 0:
-            return np.full(len(x), 0.5)
-        sums = self.path_sums(x, compiled=compiled)
+            return np.full(len(sums), 0.5)
         scores: FloatArray = 2.0 ** -(sums / self.average)
         return scores
 
@@ -193,6 +196,20 @@ def path_sums_numpy(forest: PackedForest, x: npt.NDArray[np.float32]) -> FloatAr
         lengths = forest.path_length.take(node).reshape(m, trees)
         # cumsum adds in tree order, as the compiled kernel does.
         out[start : start + m] = np.cumsum(lengths, axis=1)[:, -1]
+    return out
+
+
+def path_sums_per_tree(
+    forest: IsolationForest, packed: PackedForest, x: npt.NDArray[np.float32]
+) -> FloatArray:
+    """``path_sums`` through sklearn's own ``tree_.apply``, one tree at a time: what
+    ``fit_model`` uses for the training rows, in the fitting process, where the GIL does
+    not matter and numba is not wanted. The same numbers (a test holds them equal);
+    cheaper than the numpy walk (5.2 against 8.5 us a row for 100 trees, thread time)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros(len(x))
+    for estimator, root in zip(forest.estimators_, packed.roots.tolist(), strict=True):
+        out += packed.path_length[root + estimator.tree_.apply(x)]
     return out
 
 

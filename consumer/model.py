@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.ensemble import IsolationForest
 
-from consumer.forest import PackedForest, pack_forest
+from consumer.forest import PackedForest, pack_forest, path_sums_per_tree
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +223,11 @@ def fit_model(
         trees=pack_forest(forest),
         tail=ScoreTail.fit(np.empty(0)),
     )
-    # In the fitting process: the same scores as the compiled walk, without numba there
-    # (and the same cost wherever a fit runs).
-    training_scores = model.trees.scores(features, compiled=False)
+    # In the fitting process: the same scores as the compiled walk, through sklearn's
+    # trees, without numba there (and the same cost wherever a fit runs).
+    training_scores = model.trees.scores_of(
+        path_sums_per_tree(forest, model.trees, features.astype(np.float32))
+    )
     tail = ScoreTail.fit(training_scores, params.tail_share)
     z_tail = ScoreTail.fit(features[:, -1], params.tail_share) if _has_largest_z(features) else None
     budget: float | None = None

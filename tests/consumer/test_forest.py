@@ -17,6 +17,7 @@ from consumer.forest import (
     average_path_length,
     pack_forest,
     path_sums_numpy,
+    path_sums_per_tree,
 )
 
 
@@ -54,6 +55,7 @@ def test_both_walks_give_exactly_the_per_tree_sums(n: int, max_samples: int) -> 
     expected = per_tree_sums(forest, x)
     x32 = np.ascontiguousarray(x, dtype=np.float32)
     np.testing.assert_array_equal(path_sums_numpy(trees, x32), expected)
+    np.testing.assert_array_equal(path_sums_per_tree(forest, trees, x32), expected)
     np.testing.assert_array_equal(trees.path_sums(x.astype(np.float32)), expected)
 
 
