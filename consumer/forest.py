@@ -1,7 +1,7 @@
 """The fitted forest packed into flat arrays, and its traversal for a whole batch at once.
 
 sklearn scores an ``IsolationForest`` one tree at a time (``tree_.apply``), each call
-taking the GIL back when it returns: 100 trees meant 100 returns per batch, and each
+taking the GIL back when it returns: 100 trees meant 100 returns per round, and each
 of them waited for the event loop's thread to hand the GIL over (up to the 5 ms
 switch interval), so the scoring thread barely overlapped with the loop. Here every
 tree's nodes are stacked into one set of arrays (``pack_forest``, the one place that
