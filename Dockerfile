@@ -15,7 +15,7 @@ COPY pyproject.toml README.md ./
 COPY consumer ./consumer
 COPY producer_sim ./producer_sim
 # A regular (non-editable) install: the code lives in site-packages, so /src can go.
-RUN pip install . \
+RUN pip install '.[fast]' \
     && cd / \
     && rm -rf /src
 

@@ -1,7 +1,7 @@
 """Where the detector's time goes while it drains a pre-filled topic (warm model).
 
     python -m bench.profile_detector [--events N] [--bootstrap-servers HOST:PORT]
-                                     [--py-spy PATH/TO/py-spy]
+                                     [--py-spy PATH/TO/py-spy] [--idle] [--save PATH]
 
 Prefills a topic of its own, primes the detector as ``bench.run`` does, and profiles
 the timed drain only. With --py-spy (``pip install py-spy``), a sampling profiler
@@ -9,7 +9,11 @@ attaches to this process for the drain and sees every thread (the event loop and
 scoring thread) at almost no cost; without it, cProfile profiles the event loop's
 thread only (and slows Python code down about twice). Prints, per function, its share
 of the samples of busy threads during the drain (priming left out): on the stack
-(inclusive) and at the top (own); then deletes the topics.
+(inclusive) and at the top (own), and per thread how busy it was; then deletes the
+topics. --idle counts waiting threads too (where the wall time goes), --gil only the
+thread holding the GIL (what the two threads cannot do side by side); --save keeps
+py-spy's collapsed stacks (``PATH``, the input of any flame graph tool: speedscope,
+flamegraph.pl, inferno) and the printed summary (``PATH`` with ``.summary.txt``).
 Start the broker first (``KAFKA_LOCAL_PORT=29692 scripts/kafka-local start``).
 """
 
@@ -37,10 +41,13 @@ from bench.run import delete_all
 from bench.stream import SIM_RATE, Fleet, Stream, encoded
 
 
-def summarize_collapsed(path: Path, top: int) -> str:
-    """py-spy's raw output (``frame;frame;... count`` per line) as shares per function."""
+def summarize_collapsed(path: Path, top: int, seconds: float = 0.0, rate: int = 0) -> str:
+    """py-spy's raw output (``frame;frame;... count`` per line) as shares per function,
+    and, given the seconds py-spy was attached and its sampling rate, how busy each
+    thread was over that time (without --idle)."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -51,16 +58,33 @@ def summarize_collapsed(path: Path, top: int) -> str:
         if any(f.endswith(":prime") for f in frames):
             continue  # priming happens before the clock starts
         total += count
+        threads[_thread(frames)] += count
         own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
     if not total:
         return "no samples\n"
-    out = [f"{total} samples of busy threads", "", "inclusive  function"]
+    out = [f"{total} samples", ""]
+    if seconds and rate:
+        out += [f"thread      busy, as a share of the {seconds:.1f} s sampled"]
+        out += [f"{100 * n / (seconds * rate):8.1f}%  {t}" for t, n in threads.most_common()]
+        out += [""]
+    out += ["inclusive  function"]
     out += [f"{100 * n / total:8.1f}%  {f}" for f, n in inclusive.most_common(top)]
     out += ["", "own        function"]
     out += [f"{100 * n / total:8.1f}%  {f}" for f, n in own.most_common(top)]
     return "\n".join(out) + "\n"
+
+
+def _thread(frames: list[str]) -> str:
+    """A readable name for the thread a stack ran on (py-spy's first frame)."""
+    if any("Finisher._judge" in f or "concurrent/futures/thread.py" in f for f in frames):
+        return "scoring thread (ThreadPoolExecutor)"
+    if any("run_forever" in f for f in frames):
+        return "event loop"
+    if any("socketserver" in f for f in frames):
+        return "HTTP server"
+    return frames[0]
 
 
 def _short(frame: str) -> str:
@@ -75,17 +99,29 @@ def _short(frame: str) -> str:
     return f"{file}:{name}" if file else name
 
 
-def _attach(py_spy: str, output: Path) -> subprocess.Popen[bytes]:
+RATE = 250
+
+
+def _attach(py_spy: str, output: Path, idle: bool, gil: bool) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [py_spy, "record", "--pid", str(os.getpid()), "--threads",
-         "--rate", "250", "--format", "raw", "--output", str(output)],
+        [py_spy, "record", "--pid", str(os.getpid()), "--threads", *(["--idle"] if idle else []),
+         *(["--gil"] if gil else []),
+         "--rate", str(RATE), "--format", "raw", "--output", str(output)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
 
 async def profile(
-    bootstrap: str, events: int, prime_events: int, top: int, py_spy: str | None
+    bootstrap: str,
+    events: int,
+    prime_events: int,
+    top: int,
+    py_spy: str | None,
+    *,
+    idle: bool = False,
+    gil: bool = False,
+    save: Path | None = None,
 ) -> str:
     prefix = f"bench-prof-{uuid.uuid4().hex[:6]}"
     topic = f"{prefix}-metrics"
@@ -96,9 +132,11 @@ async def profile(
         prime_records = encoded(stream.take(prime_events))
         await prefill(bootstrap, topic, stream, events)
         if py_spy:
-            raw = Path(tempfile.mkdtemp()) / "drain.txt"
-            spy = _attach(py_spy, raw)
+            raw = save or Path(tempfile.mkdtemp()) / "drain.txt"
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            spy = _attach(py_spy, raw, idle, gil)
             await asyncio.sleep(1.0)  # attached
+            attached = time.perf_counter()
             try:
                 result, _ = await detector_drain(
                     bootstrap, topic, prefix, prime_records, events, exactly_once=False
@@ -106,7 +144,8 @@ async def profile(
             finally:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
-            body = summarize_collapsed(raw, top)
+            sampled = time.perf_counter() - attached - result["prime_seconds"]
+            body = summarize_collapsed(raw, top, 0.0 if idle else sampled, RATE)
         else:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -125,7 +164,9 @@ async def profile(
         f"{result['events']:,} events in {result['seconds']:.2f} s: "
         f"{result['events_per_second']:,.0f} events/s under the profiler; the profile "
         f"covers the drain only; {result['batches']} batches, "
-        f"{result['anomalies_published']:,} anomalies published\n\n"
+        f"{result['anomalies_published']:,} anomalies published; "
+        f"{result['cpu_seconds_main_process']:.2f} CPU-seconds "
+        f"({1e6 * result['cpu_seconds_main_process'] / result['events']:.1f} us an event)\n\n"
     )
     out.write(body)
     return out.getvalue()
@@ -138,12 +179,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prime-events", type=int, default=50_000)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--py-spy", help="path of a py-spy executable: sample every thread")
+    parser.add_argument("--idle", action="store_true", help="with --py-spy: waiting threads too")
+    parser.add_argument(
+        "--gil", action="store_true", help="with --py-spy: only the thread holding the GIL"
+    )
+    parser.add_argument("--save", type=Path, help="with --py-spy: keep the collapsed stacks here")
     args = parser.parse_args(argv)
-    print(
-        asyncio.run(
-            profile(args.bootstrap_servers, args.events, args.prime_events, args.top, args.py_spy)
+    text = asyncio.run(
+        profile(
+            args.bootstrap_servers,
+            args.events,
+            args.prime_events,
+            args.top,
+            args.py_spy,
+            idle=args.idle,
+            gil=args.gil,
+            save=args.save,
         )
     )
+    print(text)
+    if args.save:
+        args.save.with_suffix(".summary.txt").write_text(text)
     return 0
 
 

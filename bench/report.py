@@ -1,4 +1,4 @@
-"""The targets of issue 8 and the table printed at the end of a run."""
+"""The targets of issues 8 and 20 and the table printed at the end of a run."""
 
 from __future__ import annotations
 
@@ -40,12 +40,15 @@ def targets(results: Results) -> list[dict[str, Any]]:
     )
     naive = lookup(results, "naive", "events_per_second")
     speedup = det / naive if naive and det else None
+    # Issue 8 asked for 5x; issue 20 set 2x: the naive recipe does the same per-event
+    # work (orjson and a 100-tree forest per event), so 5x is out of reach for any
+    # design that scores every event with such a forest (bench/README.md).
     out.append(
         _target(
             "detector throughput vs naive",
-            ">= 5x",
+            ">= 2x",
             "-" if speedup is None else f"{speedup:.1f}x",
-            None if speedup is None else speedup >= 5,
+            None if speedup is None else speedup >= 2,
         )
     )
     dp, dr = (
@@ -130,8 +133,8 @@ def render(results: Results) -> str:
         f"{meta.get('cpu_model')}; {'quick' if meta.get('quick') else 'full'} run"
     )
     lines.append("")
-    header = f"{'throughput (same topic)':<40} {'events/s':>12} {'vs raw':>7} {'precision':>9} "
-    header += f"{'ev.recall':>9} {'ep.recall':>9} {'F1':>6}"
+    header = f"{'throughput (same topic)':<40} {'events/s':>12} {'vs raw':>7} {'ev/CPU-s':>10} "
+    header += f"{'precision':>9} {'ev.recall':>9} {'ep.recall':>9} {'F1':>6}"
     lines += [header, "-" * len(header)]
     raw = lookup(results, "drain", "raw", "events_per_second")
     rows = [
@@ -151,15 +154,24 @@ def render(results: Results) -> str:
         eps = section.get("events_per_second")
         q = section.get("quality") or {}
         f1 = q.get("f1")
+        per_cpu = section.get("events_per_cpu_second")
         lines.append(
             f"{name:<40} {_rate(eps):>12} "
             f"{(f'{100 * eps / raw:.0f}%' if raw and eps else '-'):>7} "
+            f"{('-' if per_cpu is None else f'{per_cpu:,.0f}'):>10} "
             f"{_pct(q.get('precision')):>9} {_pct(q.get('event_recall')):>9} "
             f"{_pct(q.get('episode_recall')):>9} {('-' if f1 is None else f'{f1:.3f}'):>6}"
         )
     eos, alo = lookup(results, "exactly_once", "events_per_second"), det_eps(results)
     if eos and alo:
         lines.append(f"exactly-once / at-least-once: {eos / alo:.2f}")
+    det_cpu = lookup(results, "detector", "events_per_cpu_second")
+    naive_cpu = lookup(results, "naive", "events_per_cpu_second")
+    if det_cpu and naive_cpu:
+        lines.append(
+            f"per CPU-second of this process: detector / naive {det_cpu / naive_cpu:.2f}x "
+            "(events/s / events per CPU-second = cores used)"
+        )
     lat = results.get("latency")
     if lat:
         lines.append("")

@@ -182,6 +182,8 @@ async def _measure(
 
         value = await _section(results, "drain", ceilings())
         if value is not None:
+            for ceiling in value.values():
+                per_cpu_second(ceiling)
             results["drain"] = value
     for name in ("detector", "naive", "river", "exactly_once"):
         if name not in only:
@@ -208,6 +210,7 @@ async def _measure(
             continue
         value, detections = got
         value["quality"] = quality(truth, detections)
+        per_cpu_second(value)
         raw = report.lookup(results, "drain", "raw", "events_per_second")
         value["ratio_to_raw"] = value["events_per_second"] / raw if raw else None
         results[name] = value
@@ -256,6 +259,13 @@ async def _measure(
         )
         if value is not None:
             results["state"] = value
+
+
+def per_cpu_second(section: dict[str, Any]) -> None:
+    """Events per CPU-second of this process (all its threads; not the broker's nor the
+    fitting process's): what a gain from a second core does not change."""
+    cpu = section.get("cpu_seconds_main_process")
+    section["events_per_cpu_second"] = section["events"] / cpu if cpu else None
 
 
 async def delete_all(bootstrap: str, prefix: str) -> None:

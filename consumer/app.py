@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from consumer.alerts import AlertSender
 from consumer.config import PROG, Config, load_config
+from consumer.forest import compiled_kernel
 from consumer.http import Health, HttpServer
 from consumer.kafka_io import (
     AtLeastOnce,
@@ -122,6 +123,9 @@ class Service:
             raise
 
     async def _open(self) -> None:
+        # numba compiles the forest's walk on first use, about a second with the GIL
+        # held: now, before anything runs beside it, not in the first batch's scoring.
+        compiled_kernel()
         try:
             self.http.start()
         except OSError as exc:

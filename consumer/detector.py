@@ -13,12 +13,13 @@ only, so the HTTP endpoint may call it from its own threads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Self
 
 import numpy as np
 
-from consumer.events import Event
+from consumer.events import Event, Events
 from consumer.model import NO_TESTS, FitParams, FittedModel, History, Layout, RefitSchedule
 from consumer.normalize import BoolArray, FloatArray, IntArray, SourceNormalizer
 
@@ -27,7 +28,7 @@ from consumer.normalize import BoolArray, FloatArray, IntArray, SourceNormalizer
 class Prepared:
     """A batch's events as arrays, with the features the model sees."""
 
-    events: list[Event]
+    events: Events
     rows: IntArray
     values: FloatArray
     features: FloatArray
@@ -39,7 +40,7 @@ class Prepared:
     def select(self, keep: BoolArray) -> Self:
         """The same batch restricted to the events where ``keep`` is true."""
         return type(self)(
-            events=[e for e, k in zip(self.events, keep, strict=True) if k],
+            events=self.events.select(keep),
             rows=self.rows[keep],
             values=self.values[keep],
             features=self.features[keep],
@@ -168,13 +169,13 @@ class Detector:
         # its newest values: close enough to judge a round's events against.
         self.events_per_round = max(1, round(settings.halflife_events / 8))
 
-    def prepare(self, events: list[Event], *, create_sources: bool = True) -> Prepared:
+    def prepare(self, events: Events | Sequence[Event], *, create_sources: bool = True) -> Prepared:
         """Arrays and model features of a batch, against the statistics as they stand."""
-        values = np.array([e.values for e in events], dtype=np.float64).reshape(len(events), -1)
-        rows = self.normalizer.rows([e.source for e in events], create=create_sources)
-        return self._prepared(events, rows, values)
+        columns = Events.of(events, self.normalizer.n_features)
+        rows = self.normalizer.rows(columns.sources, create=create_sources)
+        return self._prepared(columns, rows, columns.values)
 
-    def _prepared(self, events: list[Event], rows: IntArray, values: FloatArray) -> Prepared:
+    def _prepared(self, events: Events, rows: IntArray, values: FloatArray) -> Prepared:
         return Prepared(
             events=events,
             rows=rows,
@@ -205,26 +206,12 @@ class Detector:
         ``events_per_round`` events per source, each scored against the statistics the
         rounds before it taught.
         """
-        parts = rounds(prepared.rows, self.events_per_round, self._warming(prepared))
-        if len(parts) == 1:
-            verdict = self.score(prepared, model)
-            self.learn(prepared)
-            return prepared, verdict
-        features = np.empty_like(prepared.features)
-        warmed = np.empty_like(prepared.warmed)
-        scores = np.empty(len(prepared))
-        anomalous = np.empty(len(prepared), dtype=bool)
-        for idx in parts:
-            part = self._prepared(
-                [prepared.events[i] for i in idx], prepared.rows[idx], prepared.values[idx]
-            )
-            verdict = self.score(part, model)
-            self.learn(part)
-            features[idx], warmed[idx] = part.features, part.warmed
-            scores[idx], anomalous[idx] = verdict.scores, verdict.anomalous
-        rates = model.false_alarm_rates(scores, features)
-        judged = replace(prepared, features=features, warmed=warmed)
-        return judged, Verdict(scores, anomalous, model, rates)
+        # Learning never depends on the scores, so the rounds only learn and fix each
+        # event's features; the forest then scores the whole batch in one call (each
+        # event's score depends on its features alone). Per round, it took the GIL back
+        # once per tree and round (see consumer/forest.py).
+        judged = self._learn_in_rounds(prepared)
+        return judged, self.score(judged, model)
 
     def _warming(self, prepared: Prepared) -> IntArray:
         """Per event, how many events its source still lacks to be warmed."""
@@ -270,12 +257,20 @@ class Detector:
         statistics that learned from the whole hold), the warm-up guard applies to them,
         and an outlier in the hold teaches neither the statistics nor the history.
         """
+        return self._learn_in_rounds(prepared)
+
+    def _learn_in_rounds(self, prepared: Prepared) -> Prepared:
+        """Learn a batch in rounds (``rounds``); the batch with each event's features and
+        warm-up flag as they stood in its round."""
         parts = rounds(prepared.rows, self.events_per_round, self._warming(prepared))
+        if len(parts) == 1:
+            self.learn(prepared)
+            return prepared
         features = np.empty_like(prepared.features)
         warmed = np.empty_like(prepared.warmed)
         for idx in parts:
             part = self._prepared(
-                [prepared.events[i] for i in idx], prepared.rows[idx], prepared.values[idx]
+                prepared.events.take(idx), prepared.rows[idx], prepared.values[idx]
             )
             self.learn(part)
             features[idx], warmed[idx] = part.features, part.warmed

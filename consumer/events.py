@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import chain, repeat
 from typing import Any, NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,90 @@ class Event(NamedTuple):
     ts: float
     values: tuple[float, ...]
     metrics: dict[str, Any]
+
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.intp]
+
+
+class Events:
+    """A batch of valid events as columns, with no object per event: what the loop
+    parses a window into (``EventParser.parse_many``) and the detector reads.
+
+    Indexing gives an ``Event`` (built then: only anomalies need one); ``values`` is
+    the (events x features) array the per-source statistics read. Building an
+    ``Event`` per record and then an array from them cost about 2.4 us an event
+    (20,000 simulator records, 2 cores), as much as parsing them.
+    """
+
+    __slots__ = ("metrics", "sources", "ts", "values")
+
+    def __init__(
+        self,
+        sources: list[str],
+        ts: FloatArray,
+        values: FloatArray,
+        metrics: list[dict[str, Any]],
+    ) -> None:
+        self.sources = sources
+        self.ts = ts
+        self.values = values
+        self.metrics = metrics
+
+    @classmethod
+    def of(cls, events: Events | Sequence[Event], n_features: int | None = None) -> Events:
+        """The columns of ``events`` (``n_features`` sizes an empty batch's values)."""
+        if isinstance(events, Events):
+            return events
+        if n_features is None:
+            n_features = len(events[0].values) if events else 0
+        values = np.array([e.values for e in events], dtype=np.float64)
+        return cls(
+            [e.source for e in events],
+            np.array([e.ts for e in events], dtype=np.float64),
+            values.reshape(len(events), n_features),
+            [e.metrics for e in events],
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Events], n_features: int) -> Events:
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls([], np.empty(0), np.empty((0, n_features)), [])
+        return cls(
+            list(chain.from_iterable(p.sources for p in parts)),
+            np.concatenate([p.ts for p in parts]),
+            np.concatenate([p.values.reshape(len(p), n_features) for p in parts]),
+            list(chain.from_iterable(p.metrics for p in parts)),
+        )
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> Event:
+        return Event(
+            self.sources[i], float(self.ts[i]), tuple(self.values[i].tolist()), self.metrics[i]
+        )
+
+    def __iter__(self) -> Iterator[Event]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def take(self, idx: IntArray) -> Events:
+        """The events at positions ``idx``, in that order."""
+        positions = idx.tolist()
+        return Events(
+            list(map(self.sources.__getitem__, positions)),
+            self.ts[idx],
+            self.values[idx],
+            list(map(self.metrics.__getitem__, positions)),
+        )
+
+    def select(self, keep: BoolArray) -> Events:
+        """The events where ``keep`` is true."""
+        return self.take(np.flatnonzero(keep))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +193,81 @@ class EventParser:
         if not isinstance(doc, dict):
             return Invalid("not_object", f"expected a JSON object, got {_kind(doc)}")
         return self._validate(doc, timestamp_ms, now)
+
+    def parse_many(
+        self, values: Sequence[bytes | None], timestamps_ms: Sequence[int], now: float
+    ) -> tuple[Events, list[tuple[int, Invalid]]]:
+        """Validate a slice of record values at once: the valid events as columns, and
+        the position in the slice of each invalid one with why.
+
+        The same answers as ``parse`` record by record (a test holds them equal). When
+        every record of the slice is a plain valid event (the usual case) they are
+        checked column by column; as soon as one is not, the slice is parsed one record
+        at a time. On 20,000 simulator records: 1.9 us a record against 2.7-3.1 (2 cores,
+        thread time; orjson alone 1.0).
+        """
+        fast = self._parse_plain(values, now)
+        if fast is not None:
+            return fast, []
+        valid: list[Event] = []
+        invalid: list[tuple[int, Invalid]] = []
+        for i, (value, timestamp_ms) in enumerate(zip(values, timestamps_ms, strict=True)):
+            result = self.parse(value, timestamp_ms, now)
+            if isinstance(result, Event):
+                valid.append(result)
+            else:
+                invalid.append((i, result))
+        return Events.of(valid, len(self.features or ())), invalid
+
+    def _parse_plain(self, values: Sequence[bytes | None], now: float) -> Events | None:
+        """The slice as columns when every record is a plain valid event, else None.
+
+        "Plain": JSON objects with a non-blank string source, an object of metrics, a
+        float ts within the limits and every feature a float within the limits: what
+        ``parse`` accepts without a second look, with the same result (a float ts as
+        it is, the feature values as they are). Anything else (no feature list yet, an
+        int value, a missing ts, any invalid record) is left to ``parse``.
+        """
+        features = self.features
+        n = len(values)
+        if not features or not n:
+            return None
+        limits = self.limits
+        get: Any = dict.get
+        try:
+            # len(None) raises: a tombstone is left to parse().
+            sizes = list(map(len, values))  # type: ignore[arg-type]
+            if min(sizes) == 0 or max(sizes) > limits.max_message_bytes:
+                return None
+            docs = list(map(orjson.loads, values))  # type: ignore[arg-type]
+        except (TypeError, orjson.JSONDecodeError):
+            return None
+        if set(map(type, docs)) != {dict}:
+            return None
+        sources: list[Any] = list(map(get, docs, repeat("source", n)))
+        if set(map(type, sources)) != {str} or not all(map(str.strip, sources)):
+            return None
+        metrics: list[Any] = list(map(get, docs, repeat("metrics", n)))
+        if set(map(type, metrics)) != {dict}:
+            return None
+        ts_list = list(map(get, docs, repeat("ts", n)))
+        if set(map(type, ts_list)) != {float}:
+            return None
+        ts = np.array(ts_list, dtype=np.float64)
+        # NaN and ±inf fail these comparisons, as they fail parse()'s.
+        if not (
+            (ts >= now - limits.max_event_age_seconds) & (ts <= now + limits.max_future_seconds)
+        ).all():
+            return None
+        columns = np.empty((n, len(features)))
+        for j, name in enumerate(features):
+            column = list(map(get, metrics, repeat(name, n)))
+            if set(map(type, column)) != {float}:
+                return None
+            columns[:, j] = column
+        if not (np.abs(columns) <= limits.max_metric_abs).all():
+            return None
+        return Events(sources, ts, columns, metrics)
 
     def _validate(self, doc: dict[str, Any], timestamp_ms: int, now: float) -> Event | Invalid:
         # The common case (a string source, float values) is checked with `type() is`

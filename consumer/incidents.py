@@ -141,7 +141,7 @@ class _Pending:
 
 
 def followed(
-    sources: Sequence[str], anomalous: Sequence[bool], watched: AbstractSet[str]
+    sources: Sequence[str], anomalous: Iterable[bool], watched: AbstractSet[str]
 ) -> list[int]:
     """Positions of a judged batch's events the tracker needs: the anomalies, and the
     normal events of the sources it watches (``IncidentTracker.watched``, before the

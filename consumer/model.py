@@ -17,6 +17,8 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.ensemble import IsolationForest
 
+from consumer.forest import PackedForest, pack_forest, path_sums_per_tree
+
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
@@ -217,8 +219,8 @@ class FittedModel:
     training_size: int
     threshold: float
     fit_seconds: float
-    # Per tree, the path length each node stands for (``_path_lengths``).
-    path_lengths: tuple[FloatArray, ...]
+    # The forest's trees as flat arrays, walked in one call (``consumer.forest``).
+    trees: PackedForest
     # How normal events' scores spread under this forest: what makes a score comparable
     # across model versions.
     tail: ScoreTail
@@ -255,15 +257,9 @@ class FittedModel:
 
         The same numbers as the negated ``forest.score_samples`` (a test holds them
         equal), without its fixed cost of about 15 ms a call in joblib and per-tree
-        checks: the detector scores a backlog batch in many small rounds.
+        checks, and with all the trees walked in one call (``consumer.forest``).
         """
-        x = np.ascontiguousarray(features, dtype=np.float32)  # what the trees split on
-        depth = np.zeros(len(x))
-        for tree, path_length in zip(self.forest.estimators_, self.path_lengths, strict=True):
-            depth += path_length[tree.tree_.apply(x)]
-        average = len(self.path_lengths) * _average_path_length(self.forest.max_samples_)
-        scores: FloatArray = 2.0 ** -(depth / average) if average > 0 else np.full(len(x), 0.5)
-        return scores
+        return self.trees.scores(features)
 
 
 def fit_model(
@@ -289,7 +285,6 @@ def fit_model(
         max_samples=min(params.max_samples, len(features)),
         random_state=params.seed,
     ).fit(features)
-    path_lengths = _path_lengths(forest)
     model = FittedModel(
         forest=forest,
         version=version,
@@ -297,10 +292,14 @@ def fit_model(
         training_size=len(features),
         threshold=0.5,
         fit_seconds=0.0,
-        path_lengths=path_lengths,
+        trees=pack_forest(forest),
         tail=ScoreTail.fit(np.empty(0)),
     )
-    training_scores = model.score(features)
+    # In the fitting process: the same scores as the compiled walk, through sklearn's
+    # trees, without numba there (and the same cost wherever a fit runs).
+    training_scores = model.trees.scores_of(
+        path_sums_per_tree(forest, model.trees, features.astype(np.float32))
+    )
     tail = ScoreTail.fit(training_scores, params.tail_share)
     budget: float | None = None
     tests: tuple[ColumnTest | ResidualTest, ...] = ()
@@ -342,27 +341,6 @@ def fit_model(
         tests=tests,
         fit_seconds=time.perf_counter() - started,
     )
-
-
-def _path_lengths(forest: IsolationForest) -> tuple[FloatArray, ...]:
-    """Per tree and node, the path length of an event that ends in that node: its depth
-    (the root is 1) plus the average path length of the training events left there, less
-    one, as the paper and sklearn count it."""
-    # fit_model keeps max_features=1.0: every tree splits on all the columns, in order.
-    return tuple(
-        tree.tree_.compute_node_depths() + _average_path_length(tree.tree_.n_node_samples) - 1.0
-        for tree in forest.estimators_
-    )
-
-
-def _average_path_length(n: FloatArray | int) -> FloatArray:
-    """c(n), the average path length of an unsuccessful search in a binary search tree
-    of n nodes (Liu, Ting and Zhou, 2008): 0 for n <= 1, 1 for n = 2."""
-    n = np.asarray(n, dtype=np.float64)
-    safe = np.maximum(n, 3.0)
-    c = 2.0 * (np.log(safe - 1.0) + np.euler_gamma) - 2.0 * (safe - 1.0) / safe
-    out: FloatArray = np.where(n <= 1, 0.0, np.where(n == 2, 1.0, c))
-    return out
 
 
 class History:

@@ -15,7 +15,7 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from consumer.detector import Detector, Verdict
-from consumer.events import Event
+from consumer.events import Events
 from consumer.http import Health
 from consumer.metrics import DetectorMetrics
 from consumer.model import FittedModel
@@ -89,7 +89,7 @@ class Observer:
         self,
         records: int,
         dead_letters: int,
-        events: list[Event] | None,
+        events: Events | None,
         verdict: Verdict | None,
         acked_at: float,
     ) -> None:
@@ -104,9 +104,10 @@ class Observer:
         anomalous = np.flatnonzero(verdict.anomalous)
         m.anomalies_published.inc(len(anomalous))
         m.scores.observe_many(verdict.scores)
+        ts = events.ts
         for i in anomalous:
-            m.end_to_end_latency.observe(max(0.0, acked_at - events[i].ts))
-        m.last_event_ts.set(max(e.ts for e in events))
+            m.end_to_end_latency.observe(max(0.0, acked_at - float(ts[i])))
+        m.last_event_ts.set(float(ts.max()))
 
     def incidents(self, records: list[dict[str, Any]], open_now: int) -> None:
         for record in records:

@@ -16,12 +16,12 @@ Where each job lives, and which thread runs it:
   does not hold already are paused, their changelog partitions read back (a task of
   its own), and resumed once the statistics are loaded.
 
-At most one batch is in flight, and each starts only once the one before it is
+At most two batches are in flight, and each starts only once the one before it is
 committed, so batches finish in order while the loop reads the next window. The
 rebalance listener takes ``lock``, which the loop holds while it turns fetched records
-into batches, and settles the batch in flight: a revocation lets that batch be
-finished and committed while its partitions are still assigned, and drops whatever of
-the revoked partitions is not yet processed (uncommitted, so the new owner reads it
+into batches, and settles the batches in flight: a revocation lets them be finished
+and committed while their partitions are still assigned, and drops whatever of the
+revoked partitions is not yet processed (uncommitted, so the new owner reads it
 again).
 """
 
@@ -44,7 +44,7 @@ from consumer.batch import Delivery, Finisher, InFlight, Topics, Work, free_in_s
 from consumer.coldstart import ColdStart
 from consumer.config import Config
 from consumer.detector import Detector, DetectorSettings, Prepared
-from consumer.events import Event, EventParser, Invalid, Limits
+from consumer.events import EventParser, Events, Invalid, Limits
 from consumer.incidents import IncidentSettings, IncidentTracker
 from consumer.kafka_io import Message
 from consumer.messages import Record
@@ -67,6 +67,8 @@ _MIN_FORCED_TRAINING = 10
 # records (about 4 us each). Anything heavier runs in the scoring thread.
 _FETCH_RECORDS = 1_000
 _PARSE_SLICE_RECORDS = 500
+# Batches being judged, published and committed while the loop reads on (see InFlight).
+_BATCHES_IN_FLIGHT = 2
 # After a stop request, publishing to an unreachable broker is given up after this long.
 STOP_GRACE_SECONDS = 30.0
 
@@ -210,7 +212,7 @@ class Processor:
             changelog=self.changelog,
         )
         self.cold = ColdStart(config.max_held_events, observer)
-        self.in_flight = InFlight()
+        self.in_flight = InFlight(depth=_BATCHES_IN_FLIGHT)
         self.lock = asyncio.Lock()
         self.listener = _Listener(self)
         # What the assignment listener raised, for the loop to raise (see ``assigned``).
@@ -359,31 +361,37 @@ class Processor:
     # -- batches ----------------------------------------------------------------------
 
     async def _handle(self, batch: Batch[Record], now: float) -> None:
-        events: list[Event] = []
+        parts: list[Events] = []
         event_records: list[Record] = []
         invalid: list[tuple[Record, Invalid]] = []
-        parse = self.parser.parse
+        parse = self.parser.parse_many
         records = batch.records
         for start in range(0, len(records), _PARSE_SLICE_RECORDS):
             if start:
                 await asyncio.sleep(0)  # see _PARSE_SLICE_RECORDS
-            for record in records[start : start + _PARSE_SLICE_RECORDS]:
-                result = parse(record.value, record.timestamp, now)
-                if isinstance(result, Event):
-                    events.append(result)
-                    event_records.append(record)
-                else:
-                    invalid.append((record, result))
+            chunk = records[start : start + _PARSE_SLICE_RECORDS]
+            valid, refused = parse([r.value for r in chunk], [r.timestamp for r in chunk], now)
+            parts.append(valid)
+            if not refused:
+                event_records.extend(chunk)
+                continue
+            bad = {i for i, _ in refused}
+            event_records.extend(r for i, r in enumerate(chunk) if i not in bad)
+            invalid.extend((chunk[i], why) for i, why in refused)
+        events = Events.concat(parts, len(self.parser.features or ()))
         work = Work(batch, events, event_records, invalid)
-        # The batch before this one learns when it is judged: let it, so that this one
-        # is judged against statistics that include it.
-        await self.in_flight.settle()
-        if events and self.detector is None:
-            self.use_detector(Detector(len(self.parser.features or ()), self.settings))
-        if self.cold or (events and not self._has_model()):
-            await self._hold(work)
-            return
-        self.in_flight.start(self._finish_and_free(work))
+        if (events and self.detector is None) or self.cold or (events and not self._has_model()):
+            # Held batches learn here, not when judged: only once the batches in flight
+            # have taught the statistics.
+            await self.in_flight.settle()
+            if events and self.detector is None:
+                self.use_detector(Detector(len(self.parser.features or ()), self.settings))
+            if self.cold or (events and not self._has_model()):
+                await self._hold(work)
+                return
+        # Judged (and learned from) only after the batches in flight: against statistics
+        # that include them.
+        await self.in_flight.start(self._finish_and_free(work))
 
     def use_detector(self, detector: Detector) -> None:
         """Judge with ``detector`` from now on (the first batch's, or a warm one the

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from consumer.batch import InFlight, Work
 from consumer.coldstart import ColdStart
 from consumer.detector import Detector, DetectorSettings, Verdict
-from consumer.events import Event, Invalid
+from consumer.events import Event, Events, Invalid
 from consumer.http import Health
 from consumer.messages import Record, anomaly_messages, dead_letter
 from consumer.metrics import DetectorMetrics
@@ -55,7 +55,7 @@ def work(layout: str) -> Work:
             event_records.append(record)
         else:
             invalid.append((record, Invalid("not_json", "not JSON")))
-    return Work(Batch(0.0, 1.0, records), events, event_records, invalid)
+    return Work(Batch(0.0, 1.0, records), Events.of(events, 1), event_records, invalid)
 
 
 def observer() -> tuple[Observer, CollectorRegistry]:
@@ -125,7 +125,7 @@ async def test_in_flight_raises_what_the_batch_raised_at_the_next_check() -> Non
     async def fails() -> None:
         raise RuntimeError("publish failed for good")
 
-    in_flight.start(fails())
+    await in_flight.start(fails())
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError, match="for good"):
         in_flight.check()
@@ -138,10 +138,70 @@ async def test_in_flight_keeps_an_error_met_during_a_revocation_for_the_loop() -
     async def fails() -> None:
         raise RuntimeError("fenced")
 
-    in_flight.start(fails())
+    await in_flight.start(fails())
     await in_flight.settle_for_revocation()  # the listener must not raise
     with pytest.raises(RuntimeError, match="fenced"):
         in_flight.check()
+
+
+async def test_batches_in_flight_run_one_after_the_other_and_at_most_depth_of_them() -> None:
+    in_flight = InFlight(depth=2)
+    log: list[str] = []
+    gates = [asyncio.Event() for _ in range(3)]
+
+    async def job(i: int) -> None:
+        log.append(f"start {i}")
+        await gates[i].wait()
+        log.append(f"end {i}")
+
+    await in_flight.start(job(0))
+    await in_flight.start(job(1))
+    await asyncio.sleep(0)
+    assert log == ["start 0"]  # the second waits for the first
+    third = asyncio.create_task(in_flight.start(job(2)))
+    await asyncio.sleep(0)
+    assert not third.done()  # two are in flight already
+    gates[0].set()
+    await third
+    await asyncio.sleep(0)
+    assert log == ["start 0", "end 0", "start 1"]
+    gates[1].set()
+    gates[2].set()
+    await in_flight.settle()
+    assert log == ["start 0", "end 0", "start 1", "end 1", "start 2", "end 2"]
+    assert len(in_flight) == 0
+
+
+async def test_a_failed_batch_stops_the_ones_queued_behind_it() -> None:
+    in_flight = InFlight(depth=2)
+    ran: list[int] = []
+
+    async def fails() -> None:
+        raise RuntimeError("the broker refused the batch")
+
+    async def after() -> None:
+        ran.append(1)
+
+    await in_flight.start(fails())
+    await in_flight.start(after())
+    with pytest.raises(RuntimeError, match="refused"):
+        await in_flight.settle()
+    await in_flight.settle()  # the one behind it ends without running
+    assert ran == []
+
+
+async def test_cancelling_closes_the_batches_not_started() -> None:
+    in_flight = InFlight(depth=2)
+    gate = asyncio.Event()
+
+    async def waits() -> None:
+        await gate.wait()
+
+    await in_flight.start(waits())
+    await in_flight.start(waits())
+    await asyncio.sleep(0)
+    await in_flight.cancel()  # no "never awaited" warning: filterwarnings is "error"
+    assert len(in_flight) == 0
 
 
 async def test_cold_start_holds_drops_and_drains_in_order() -> None:
@@ -231,7 +291,7 @@ def test_the_observer_counts_a_delivered_batch() -> None:
 def test_an_anomaly_of_a_huge_event_leaves_its_metrics_to_the_input_record() -> None:
     w = work("0v")
     huge = {"x": 10.0, "blob": "y" * 200_000}
-    w.events[0] = w.events[0]._replace(metrics=huge)
+    w.events.metrics[0] = huge
     detector = Detector(1, DetectorSettings(warmup_events=0))
     verdict = verdict_for(detector, w, [True])
     assert w.prepared is not None

@@ -155,7 +155,7 @@ def test_a_backlog_of_one_source_is_judged_against_recent_statistics() -> None:
     # against statistics at most events_per_round old, drift this slow is normal.
     assert control.anomalous.sum() > 300
     assert verdict.anomalous.sum() < 30
-    assert judged.events == backlog
+    assert list(judged.events) == backlog
     # The features returned are the ones the verdict was scored on.
     np.testing.assert_allclose(model.score(judged.features), verdict.scores)
 

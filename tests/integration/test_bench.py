@@ -25,6 +25,8 @@ SECTIONS = ("drain", "detector", "naive", "river", "exactly_once", "latency", "m
 def _rate(section: dict[str, Any]) -> None:
     assert section["events_per_second"] > 0
     assert section["seconds"] > 0
+    # Issue 20: events per CPU-second of the benchmark's process, next to events/s.
+    assert section["events_per_cpu_second"] > 0
 
 
 def _quality(section: dict[str, Any]) -> None:
