@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -217,7 +217,6 @@ def fit_model(
         max_samples=min(params.max_samples, len(features)),
         random_state=params.seed,
     ).fit(features)
-    path_lengths = _path_lengths(forest)
     model = FittedModel(
         forest=forest,
         version=version,
@@ -225,8 +224,8 @@ def fit_model(
         training_size=len(features),
         threshold=0.5,
         fit_seconds=0.0,
-        path_lengths=path_lengths,
         tail=ScoreTail.fit(np.empty(0)),
+        **forest_derived(forest),
     )
     training_scores = model.score(features)
     tail = ScoreTail.fit(training_scores, params.tail_share)
@@ -253,6 +252,16 @@ def fit_model(
         z_threshold=z_threshold,
         fit_seconds=time.perf_counter() - started,
     )
+
+
+def forest_derived(forest: IsolationForest) -> dict[str, Any]:
+    """Every ``FittedModel`` field computed from the forest alone, by field name.
+
+    ``fit_model`` and a decoded snapshot (``consumer.snapshot``) both take them from
+    here, so a snapshot never carries them: a field added here is recomputed from the
+    decoded trees, and cannot disagree with them.
+    """
+    return {"path_lengths": _path_lengths(forest)}
 
 
 def _has_largest_z(features: FloatArray) -> bool:
@@ -304,6 +313,11 @@ class History:
     @property
     def capacity(self) -> int:
         return self._rows.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Columns of a row: the features the forest sees."""
+        return self._rows.shape[1]
 
     def add(self, rows: FloatArray) -> None:
         with self._lock:
@@ -365,6 +379,12 @@ class RefitSchedule:
         """Make the next fit due at once (it still waits for ``min_train`` rows)."""
         self._last_fit_at = float("-inf")
         self._added_at_last_fit = -1
+
+    def restored(self, fitted_at: float, history: History) -> None:
+        """A model fitted at ``fitted_at`` (a snapshot, fitted elsewhere) is in use: the
+        next fit comes as it would after that fit, on rows added from now on."""
+        self._last_fit_at = fitted_at
+        self._added_at_last_fit = history.added_total
 
     def started(self, now: float, history: History) -> None:
         self._last_fit_at = now
