@@ -86,7 +86,11 @@ class Snapshot:
 
 
 def encode(model: FittedModel, layout: Layout) -> bytes:
-    """The model as npz bytes (blocking, about 0.2 s for 100 trees: not on the loop)."""
+    """The model as npz bytes (blocking, about 0.1 s for 100 trees: not on the loop)."""
+    if layout.columns != model.forest.n_features_in_:
+        raise ValueError(
+            f"a layout of {layout.columns} column(s) for a forest of {model.forest.n_features_in_}"
+        )
     arrays: dict[str, np.ndarray[Any, Any]] = {
         "format": np.array(FORMAT_VERSION, dtype=np.int64),
         "layout.metrics": np.array(layout.metrics, dtype=np.str_),
