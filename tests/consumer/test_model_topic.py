@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from consumer.config import load_config
 from consumer.http import Health
 from consumer.metrics import DetectorMetrics
-from consumer.model import FitParams, FittedModel, fit_model
+from consumer.model import FitParams, FittedModel, History, RefitSchedule, fit_model
 from consumer.model_topic import Found, ModelPublisher, latest
 from consumer.observer import Observer
 from consumer.pipeline import Processor, Stopping, fit_params
@@ -242,3 +242,18 @@ def test_latest_takes_the_groups_newest_record_and_a_tombstone_hides_it() -> Non
     assert latest(records, b"g") == records[2]
     assert latest([*records, R(b"g", None, 40, 3)], b"g") is None
     assert latest(records, b"nobody") is None
+
+
+def test_after_a_snapshot_the_next_fit_comes_as_after_that_models_own_fit() -> None:
+    history = History(100, 2)
+    schedule = RefitSchedule(refit_seconds=60, refit_events=0, min_train=10)
+    schedule.restored(fitted_at=1000.0, history=history)
+    history.add(np.zeros((20, 2)))
+    assert not schedule.due(1059.0, history)
+    assert schedule.due(1060.0, history)
+    # An old snapshot: due as soon as --min-train rows came, as a first fit would be.
+    old = RefitSchedule(refit_seconds=60, refit_events=0, min_train=30)
+    old.restored(fitted_at=0.0, history=history)
+    assert not old.due(1000.0, history)
+    history.add(np.zeros((10, 2)))
+    assert old.due(1000.0, history)
