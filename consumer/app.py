@@ -150,7 +150,7 @@ class Service:
                 self.config.incidents_topic,
                 self.config.state_topic,
             ]
-            await check_topics(consumer, self.config.topics)
+            existing = await check_topics(consumer, self.config.topics)
             check_state_partitions(
                 await partition_counts(
                     self.config, [self.config.input_topic, self.config.state_topic]
@@ -162,7 +162,7 @@ class Service:
                 producer = producer_for(self.config, max_request_size=limit)
                 self._stack.push_async_callback(producer.stop)
                 await producer.start()
-            model_topic = await self._open_model_topic(consumer)
+            model_topic = await self._open_model_topic(existing)
         except SecurityError as exc:
             raise StartupError(str(exc)) from None
         except (KafkaError, OSError) as exc:
@@ -225,12 +225,12 @@ class Service:
         consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
 
     async def _open_model_topic(
-        self, consumer: AIOKafkaConsumer
+        self, existing: set[str]
     ) -> tuple[AIOKafkaProducer, int, Any | None] | None:
         """A producer for the model topic, its record size limit, and the group's latest
-        snapshot record on it; None (and one line) when the topic does not exist."""
+        snapshot record on it; None (and one line) when the topic is not in ``existing``."""
         topic = self.config.model_topic
-        if topic not in await consumer.topics():
+        if topic not in existing:
             logger.warning(
                 "--model-topic %s does not exist: fitted models are not kept, and every "
                 "start waits for a first fit (create it: python -m consumer.topics "
