@@ -44,8 +44,10 @@ from tests.integration.test_reliability import (
 from tests.integration.test_state import metric_once, valid_sources
 
 # A forest of 250 trees makes a snapshot of about 2 MB: over the 1 MiB a producer sends
-# and a consumer fetches by default, so both settings are exercised.
-FLAGS = ("--warmup-events", "20", "--n-estimators", "250")
+# and a consumer fetches by default, so both settings are exercised. A refit every 1500
+# rows: how many rows the fit after the first one learns from depends on how fast the
+# first one came, and the snapshot the test waits for must learn from thousands.
+FLAGS = ("--warmup-events", "20", "--n-estimators", "250", "--refit-events", "1500")
 
 
 async def create_model_topic(bootstrap: str, name: str) -> dict[str, str]:
@@ -94,15 +96,19 @@ async def test_a_detector_killed_with_9_is_replaced_by_one_judging_at_once_with_
     first = detector(tmp_path, "first", kafka, topics, group, *extra).start()
     try:
         await first.wait_assigned()
-        producing = asyncio.create_task(stream(bootstrap, topics[0], records, 1000))
+        producing = asyncio.create_task(stream(bootstrap, topics[0], records[:5000], 1000))
 
         async def fitted_on_the_stream() -> bool:
-            # The first fit comes after 50 rows; the one after it learns from thousands.
+            # The model in use learned from thousands of rows, and it was published.
             published = first.metric("anomaly_detector_model_snapshots_total", result="ok")
+            version = first.metric("anomaly_detector_model_version")
+            rows = first.metric("anomaly_detector_model_training_events")
+            if published is None or version is None or rows is None:
+                return False
             done = await committed_total(kafka, group, topics[0])
-            return published is not None and published >= 2 and done >= 2500
+            return rows >= 1500 and published >= version and done >= 2500
 
-        await eventually(fitted_on_the_stream, what="two models published, 2500 committed")
+        await eventually(fitted_on_the_stream, what="a model of 1500 rows published")
         first.kill()
         killed_at = time.time()
         committed_at_kill = await committed(bootstrap, group, topics[0])
@@ -114,9 +120,13 @@ async def test_a_detector_killed_with_9_is_replaced_by_one_judging_at_once_with_
     assert len(published[-1].value) > 1 << 20, "the test meant a snapshot over 1 MiB"
     assert newest.training_size > 1000
 
+    positions = await producing
     second = detector(tmp_path, "second", kafka, topics, group, *extra).start()
     try:
-        positions = await producing
+        # The rest of the stream comes once it runs: its first windows hold the records
+        # the first one left uncommitted, then these.
+        await second.wait_assigned()
+        positions += await stream(bootstrap, topics[0], records[5000:], 1000)
         await wait_all_committed(bootstrap, group, topics[0])
         restored = await metric_once(second, "anomaly_detector_model_restored_version")
         held = await metric_once(second, "anomaly_detector_held_events")
