@@ -51,7 +51,8 @@ OPTIONS: tuple[Option, ...] = (
 # A snapshot of the default forest (100 trees of 1024 rows) is 0.94 MB compressed
 # (consumer.snapshot), just under Kafka's default limit of 1 MiB: more columns or more
 # trees would exceed it. 16 MiB takes 100 trees of up to twice the default node count
-# even uncompressed. A segment must hold the largest record, so segments are 64 MiB: an
+# even uncompressed. A segment must hold the largest record (a 2 MB record to a topic of
+# 1 MiB segments was refused, RecordListTooLargeError), so segments are 64 MiB: an
 # instance reads the topic from its start, and the active segment is never compacted.
 MODEL_MESSAGE_MAX_BYTES = 16 << 20
 MODEL_TOPIC_CONFIGS = {
