@@ -76,12 +76,15 @@ async def snapshots(bootstrap: str, topic: str, group: str) -> list[Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 async def test_a_detector_killed_with_9_is_replaced_by_one_judging_at_once_with_its_model(
     kafka: Broker,
     new_topic: TopicFactory,
     unique: Callable[[str], str],
     tmp_path: Path,
+    guarantee: str,
 ) -> None:
+    # Exactly-once: the model goes through a plain producer beside the transactional one.
     bootstrap = kafka.bootstrap_servers
     topics = await topics_for(new_topic, 2)
     models = unique("models")
@@ -90,7 +93,8 @@ async def test_a_detector_killed_with_9_is_replaced_by_one_judging_at_once_with_
     assert int(settings["max.message.bytes"]) == MODEL_MESSAGE_MAX_BYTES
     assert len(await partitions_of(bootstrap, models)) == 1  # whatever --partitions says
     group = unique("group")
-    extra = ("--model-topic", models, *FLAGS)
+    extra = ("--model-topic", models, "--processing-guarantee", guarantee, *FLAGS)
+    isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
     records = stream_records(8000, seed=11)
 
     first = detector(tmp_path, "first", kafka, topics, group, *extra).start()
@@ -143,7 +147,7 @@ async def test_a_detector_killed_with_9_is_replaced_by_one_judging_at_once_with_
     # The second detector's anomalies (detected after the kill), per input partition in
     # input order.
     by_second: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for record in await drain(bootstrap, topics[1]):
+    for record in await drain(bootstrap, topics[1], isolation):
         doc = orjson.loads(record.value)
         if doc["detected_at"] > killed_at:
             by_second[doc["input"]["partition"]].append(doc)
