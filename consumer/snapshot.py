@@ -125,7 +125,7 @@ def _put(arrays: dict[str, np.ndarray[Any, Any]], name: str, value: Any) -> None
         arrays[name] = np.array(value, dtype=np.str_)
     elif isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
         arrays[name] = value
-    elif isinstance(value, tuple):
+    elif isinstance(value, tuple | list):
         arrays[f"{name}.n"] = np.array(len(value), dtype=np.int64)
         for i, item in enumerate(value):
             _put(arrays, f"{name}.{i}", item)
@@ -263,13 +263,14 @@ class _Reader:
         if hint in (bool, int, float, str):
             return self.scalar(name, hint)
         if hint is np.ndarray or origin is np.ndarray:
-            return self.array(name, "f").astype(np.float64, copy=False)
-        if origin is tuple:
+            dtype = _dtype(hint)
+            return self.array(name, dtype.kind).astype(dtype, copy=False)
+        if origin in (tuple, list):
             (item, *rest) = get_args(hint)
-            if rest != [Ellipsis]:
+            if origin is tuple and rest != [Ellipsis]:
                 raise TypeError(f"a snapshot cannot decode {name} of type {hint}")
             n = self.scalar(f"{name}.n", int)
-            return tuple(self.value(f"{name}.{i}", item) for i in range(n))
+            return origin(self.value(f"{name}.{i}", item) for i in range(n))
         if dataclasses.is_dataclass(hint) and isinstance(hint, type):
             nested = get_type_hints(hint)
             return hint(
@@ -279,6 +280,17 @@ class _Reader:
                 }
             )
         raise TypeError(f"a snapshot cannot decode {name} of type {hint}")
+
+
+def _dtype(hint: Any) -> np.dtype[Any]:
+    """The dtype an array hint names (``npt.NDArray[np.float64]``: float64); float64
+    for a bare ``np.ndarray``. Another kind of array in the archive is refused."""
+    args = get_args(hint)
+    if len(args) == 2:
+        (scalar,) = get_args(args[1]) or (np.float64,)
+        if isinstance(scalar, type) and issubclass(scalar, np.generic):
+            return np.dtype(scalar)
+    return np.dtype(np.float64)
 
 
 def _optional(hint: Any) -> bool:

@@ -8,9 +8,10 @@ import zipfile
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
-from consumer.model import FitParams, FittedModel, fit_model
+from consumer.model import FitParams, FittedModel, ScoreTail, fit_model
 from consumer.snapshot import (
     FORMAT_VERSION,
     Layout,
@@ -212,14 +213,27 @@ def test_a_new_field_of_the_model_is_carried_without_changing_the_serializer(
     class Wider(FittedModel):
         drift: float = 0.0
         weights: np.ndarray | None = None
+        leaves: npt.NDArray[np.intp] | None = None
+        tails: list[ScoreTail] = dataclasses.field(default_factory=list)
 
     wider = Wider(**{f.name: getattr(model, f.name) for f in dataclasses.fields(FittedModel)},
-                  drift=0.25, weights=np.arange(3.0))  # fmt: skip
+                  drift=0.25, weights=np.arange(3.0), leaves=np.array([4, 5], dtype=np.intp),
+                  tails=[model.tail, model.tail])  # fmt: skip
     monkeypatch.setattr("consumer.snapshot.FittedModel", Wider)
     got = decode(encode(wider, LAYOUT)).model
     assert isinstance(got, Wider)
     assert got.drift == 0.25
     np.testing.assert_array_equal(got.weights, np.arange(3.0))
+    assert got.leaves is not None
+    assert got.leaves.dtype == np.intp
+    np.testing.assert_array_equal(got.leaves, [4, 5])
+    assert len(got.tails) == 2
+    assert got.tails[1].start == model.tail.start
+    # An int array where the field holds floats is refused, not cast.
+    arrays = members(encode(wider, LAYOUT))
+    arrays["model.weights"] = np.array([1, 2, 3])
+    with pytest.raises(SnapshotError, match=r"model\.weights is a 1-d int64 array"):
+        decode(repack(arrays))
 
 
 def test_the_threshold_rule_must_match(model: FittedModel) -> None:
