@@ -57,7 +57,9 @@ def warm_detector(
 
     def fit() -> None:
         rows, version = detector.training_set(time.time())
-        detector.install(fit_model(rows, settings.fit, version=version, fitted_at=time.time()))
+        model = fit_model(rows, settings.fit, version=version, fitted_at=time.time(),
+                          layout=detector.layout)  # fmt: skip
+        detector.install(model)
 
     for i in range(0, len(events), PRIME_CHUNK):
         prepared = detector.prepare(events[i : i + PRIME_CHUNK])

@@ -53,6 +53,10 @@ async def write(bootstrap: str, topic: str, sources: int, partitions: int) -> in
                 count=10_000 + i,
                 mean=tuple(mean[i].tolist()),
                 var=tuple(var[i].tolist()),
+                last=tuple(mean[i].tolist()),
+                move=tuple(var[i].tolist()),
+                move_fast=tuple(var[i].tolist()),
+                level=tuple(mean[i].tolist()),
             )
             key = f"host-{i:06d}".encode()
             value = encode(state)

@@ -19,7 +19,7 @@ from typing import Self
 import numpy as np
 
 from consumer.events import Event
-from consumer.model import FitParams, FittedModel, History, RefitSchedule
+from consumer.model import NO_TESTS, FitParams, FittedModel, History, Layout, RefitSchedule
 from consumer.normalize import BoolArray, FloatArray, IntArray, SourceNormalizer
 
 
@@ -94,6 +94,15 @@ def rounds(rows: IntArray, per_source: int, warming: IntArray | None = None) -> 
     return np.split(by_round, np.flatnonzero(np.diff(round_of[by_round])) + 1)
 
 
+_STILLNESS_FLOOR = 1.0
+# The relation's residual is heavy-tailed in normal traffic (latency grows with load
+# non-linearly; a source's level takes a while to settle after an episode): with a least
+# threshold of 4 sd the simulator at 0.19% anomalous flagged 3.0 normal events per
+# 10,000 for a budget of 1, with 6 sd 1.9, at the same episode recall (recent level's
+# half-life 4 events, untrimmed fit).
+_RELATION_FLOOR = 6.0
+
+
 @dataclass(frozen=True)
 class DetectorSettings:
     """The detector's knobs, as the configuration gives them."""
@@ -109,6 +118,10 @@ class DetectorSettings:
     # An event with a z-score beyond this in any metric of a warmed source never enters
     # the history, and moves its source's statistics only clipped (see ``learn``).
     outlier_z: float = 5.0
+    # Likewise a source whose recent movement fell under e^-3 (5%) of its usual: stuck
+    # values would otherwise fill the history at high anomaly rates and teach the
+    # stillness test's tail that standing still is normal.
+    outlier_stillness: float = 1.5
     fit: FitParams = field(default_factory=FitParams)
 
 
@@ -121,10 +134,29 @@ class Detector:
             n_features,
             halflife_events=settings.halflife_events,
             warmup_events=settings.warmup_events,
+            recent_outlier_z=settings.outlier_z,
             max_sources=settings.max_sources,
             enabled=settings.normalize,
         )
-        self.history = History(settings.history_size, n_features + settings.normalize)
+        # With normalisation: the largest |z| and the stillness follow the z-scores, and
+        # each has its own test beside the forest's score (``FittedModel.judge``), with
+        # the least threshold it may have. Stillness is strongly autocorrelated (each
+        # value averages the last few steps), so its tail fitted on a history of a few
+        # thousand rows can be too light: on a fleet of independent noise its threshold
+        # came out at 0.50 while later normal events reached 0.64. Under e^-1 of its usual
+        # movement in every metric a source is stiller than the simulator's normal events
+        # ever were (at most 0.6), and its stuck sources reach 2.1 (median).
+        # The recent levels come last, and their relation has a test (``ResidualTest``).
+        level = tuple(range(n_features + 2, 2 * n_features + 2))
+        self.layout = (
+            Layout(
+                ((n_features, 0.0), (n_features + 1, _STILLNESS_FLOOR)), (level, _RELATION_FLOOR)
+            )
+            if settings.normalize
+            else NO_TESTS
+        )
+        width = 2 * n_features + 2 if settings.normalize else n_features
+        self.history = History(settings.history_size, width)
         self.schedule = RefitSchedule(
             refit_seconds=settings.refit_seconds,
             refit_events=settings.refit_events,
@@ -203,12 +235,17 @@ class Detector:
 
     def outliers(self, prepared: Prepared) -> BoolArray:
         """Events far out by a robust, model-free measure: a warmed source's event with a
-        z-score beyond ``outlier_z`` in any metric, against the statistics as they stand
+        z-score beyond ``outlier_z`` in any metric, or a stillness beyond
+        ``outlier_stillness``, against the statistics as they stand
         (a batch is learned right after it was prepared, so these are the statistics it
         was prepared against)."""
         z = self.normalizer.zscores(prepared.rows, prepared.values)
-        far: BoolArray = prepared.warmed & (np.abs(z).max(axis=1) > self.settings.outlier_z)
-        return far
+        far = np.abs(z).max(axis=1) > self.settings.outlier_z
+        if self.settings.normalize:
+            still = self.layout.columns[1][0]
+            far |= prepared.features[:, still] > self.settings.outlier_stillness
+        out: BoolArray = prepared.warmed & far
+        return out
 
     def learn(self, prepared: Prepared) -> None:
         """Let the batch teach the statistics and the training history.
@@ -255,19 +292,22 @@ class Detector:
         self.schedule.request()
 
     def _features(self, rows: IntArray, values: FloatArray) -> FloatArray:
-        """What the forest sees: per-source z-scores, plus the largest of them.
+        """What the forest sees: per-source z-scores, the largest of them, and the
+        source's stillness (``SourceNormalizer.stillness``).
 
         A forest picks a feature at random for each split, so an event far out in one
         of several features is isolated no faster than one a little out in all of them;
         the extra column puts every such event at the far end of one shared axis. On
         normal data with 4 features and contamination 0.005, this took the recall of
         6-sigma single-feature outliers from 0.11 to 1.0 at the same false-alarm rate
-        (max_samples 1024; see the README's "Feature design").
+        (max_samples 1024; see the README's "Feature design"). Stillness is what shows a
+        stuck source (TODO measured).
         """
         z = self.normalizer.transform(rows, values)
         if not self.settings.normalize:
             return z
-        return np.hstack([z, np.abs(z).max(axis=1, keepdims=True)])
+        still, level = self.normalizer.temporal(rows, values)
+        return np.hstack([z, np.abs(z).max(axis=1, keepdims=True), still[:, None], level])
 
     def fit_due(self, now: float) -> bool:
         return self.schedule.due(now, self.history)

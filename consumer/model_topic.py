@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 
 from consumer.model import FittedModel
 from consumer.observer import Observer
-from consumer.snapshot import Layout, Snapshot, encode
+from consumer.snapshot import FeatureLayout, Snapshot, encode
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ class ModelPublisher:
         self.key = key
         self.limit_bytes = limit_bytes
         self.observer = observer
-        self._pending: tuple[FittedModel, Layout] | None = None
+        self._pending: tuple[FittedModel, FeatureLayout] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def publish(self, model: FittedModel, layout: Layout) -> None:
+    def publish(self, model: FittedModel, layout: FeatureLayout) -> None:
         """On the loop: publish ``model`` soon (a task of its own)."""
         self._pending = (model, layout)
         if self._task is None:
@@ -94,7 +94,7 @@ class ModelPublisher:
             await self._send(model, layout)
         self._task = None
 
-    async def _send(self, model: FittedModel, layout: Layout) -> None:
+    async def _send(self, model: FittedModel, layout: FeatureLayout) -> None:
         data = await asyncio.to_thread(encode, model, layout)
         size = len(data)
         if size + len(self.key) + _RECORD_OVERHEAD_BYTES > self.limit_bytes:

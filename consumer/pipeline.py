@@ -55,7 +55,7 @@ from consumer.model_topic import Found, ModelPublisher
 from consumer.observer import Observer
 from consumer.recovery import Partitions, Recovery, StateReader
 from consumer.refit import Refitter
-from consumer.snapshot import Layout, SnapshotError, check_layout, check_rule
+from consumer.snapshot import FeatureLayout, SnapshotError, check_layout, check_rule
 from consumer.state import Changelog
 from consumer.windows import Batch, WindowBuffer
 
@@ -421,10 +421,12 @@ class Processor:
             self.snapshot = None
         self.detector = detector
 
-    def layout(self, detector: Detector) -> Layout:
+    def feature_layout(self, detector: Detector) -> FeatureLayout:
         """What the columns of ``detector``'s models are."""
         assert self.parser.features is not None
-        return Layout(tuple(self.parser.features), self.settings.normalize, detector.history.width)
+        return FeatureLayout(
+            tuple(self.parser.features), self.settings.normalize, detector.history.width
+        )
 
     def _install_snapshot(self, detector: Detector, found: Found) -> None:
         """Judge with the snapshot found at start, if it fits this detector: its layout
@@ -433,7 +435,7 @@ class Processor:
         params = self.settings.fit
         overridden = params.score_threshold is not None or params.contamination is not None
         try:
-            check_layout(found.snapshot.layout, self.layout(detector))
+            check_layout(found.snapshot.layout, self.feature_layout(detector))
             check_rule(
                 model, None if overridden else params.false_alarm_rate, params.score_threshold
             )
@@ -461,7 +463,7 @@ class Processor:
     def _publish_model(self, model: FittedModel) -> None:
         """On the loop, after the refitter installed ``model``: publish it."""
         if self.models is not None and self.detector is not None:
-            self.models.publish(model, self.layout(self.detector))
+            self.models.publish(model, self.feature_layout(self.detector))
 
     async def _hold(self, work: Work) -> None:
         """Cold start: learn from the batch now (scoring thread), judge it later."""

@@ -151,8 +151,9 @@ class Refitter:
 
     async def _fit(self, detector: Detector, training: FloatArray, version: int) -> None:
         try:
-            model = await self._run(partial(fit_model, training, self.params, version=version,
-                                            fitted_at=time.time()))  # fmt: skip
+            fit = partial(fit_model, training, self.params, version=version, fitted_at=time.time(),
+                          layout=detector.layout)  # fmt: skip
+            model = await self._run(fit)
         except Exception:
             self.failures_in_a_row += 1
             self.observer.fit_failed(self.failures_in_a_row, self._unready_after)

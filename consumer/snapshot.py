@@ -5,7 +5,7 @@ back with ``np.load(allow_pickle=False)``: whoever can write the model topic can
 the detector judge badly, but never run code in it. Its members:
 
 - ``format``: ``FORMAT_VERSION``; another version is refused;
-- ``layout.*``: what the forest's columns are (``Layout``): the metric names, whether
+- ``layout.*``: what the forest's columns are (``FeatureLayout``): the metric names, whether
   they are per-source z-scores (then the last column is their largest |z|), and the
   column count. A detector with another layout refuses the snapshot;
 - ``forest.*`` and ``tree.<i>.*``: each tree's arrays as sklearn keeps them
@@ -62,7 +62,7 @@ class SnapshotError(ValueError):
 
 
 @dataclass(frozen=True)
-class Layout:
+class FeatureLayout:
     """What the columns a model was fitted on are: ``metrics`` in this order, as
     per-source z-scores followed by their largest |z| when ``normalize``, raw values
     otherwise; ``columns`` counts them all."""
@@ -79,13 +79,13 @@ class Layout:
 @dataclass(frozen=True)
 class Snapshot:
     model: FittedModel
-    layout: Layout
+    layout: FeatureLayout
 
 
 # -- encoding ------------------------------------------------------------------------
 
 
-def encode(model: FittedModel, layout: Layout, *, compress: bool = True) -> bytes:
+def encode(model: FittedModel, layout: FeatureLayout, *, compress: bool = True) -> bytes:
     """The model as npz bytes (blocking, about 0.1 s for 100 trees: not on the loop)."""
     if layout.columns != model.forest.n_features_in_:
         raise ValueError(
@@ -130,6 +130,8 @@ def _put(arrays: dict[str, np.ndarray[Any, Any]], name: str, value: Any) -> None
         for i, item in enumerate(value):
             _put(arrays, f"{name}.{i}", item)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # Which class: a field may hold one of several (``ColumnTest | ResidualTest``).
+        arrays[f"{name}.class"] = np.array(type(value).__name__, dtype=np.str_)
         for f in dataclasses.fields(value):
             _put(arrays, f"{name}.{f.name}", getattr(value, f.name))
     else:
@@ -151,7 +153,7 @@ def _put_forest(arrays: dict[str, np.ndarray[Any, Any]], forest: IsolationForest
 # -- decoding ------------------------------------------------------------------------
 
 
-def decode(data: bytes, layout: Layout | None = None) -> Snapshot:
+def decode(data: bytes, layout: FeatureLayout | None = None) -> Snapshot:
     """The snapshot in ``data``, or ``SnapshotError`` naming why it cannot be used:
     not an npz archive (truncated, garbage), one holding pickled data, another format
     version, another feature layout than ``layout`` (when given), or arrays that do not
@@ -172,7 +174,7 @@ def decode(data: bytes, layout: Layout | None = None) -> Snapshot:
         raise SnapshotError(
             f"format version {version}; this detector reads version {FORMAT_VERSION}"
         )
-    found = Layout(
+    found = FeatureLayout(
         metrics=tuple(str(m) for m in reader.array("layout.metrics", "U", ndim=1)),
         normalize=reader.scalar("layout.normalize", bool),
         columns=reader.scalar("layout.columns", int),
@@ -198,10 +200,24 @@ def decode(data: bytes, layout: Layout | None = None) -> Snapshot:
                 continue
             raise SnapshotError(f"it lacks {name}")
         values[f.name] = reader.value(name, hints[f.name])
-    return Snapshot(FittedModel(**values), found)
+    model = FittedModel(**values)
+    _probe(model, found.columns)
+    return Snapshot(model, found)
 
 
-def check_layout(found: Layout, expected: Layout) -> None:
+def _probe(model: FittedModel, columns: int) -> None:
+    """Judge a few rows with the decoded model: a part that does not fit its columns (a
+    test's column out of range, weights of another shape) fails here, at start, and not
+    in the scoring thread on the first batch."""
+    probe = np.zeros((2, columns))
+    try:
+        with np.errstate(all="ignore"):
+            model.judge(probe)
+    except (IndexError, ValueError, TypeError, ArithmeticError) as exc:
+        raise SnapshotError(f"it cannot judge a row: {type(exc).__name__}: {exc}") from None
+
+
+def check_layout(found: FeatureLayout, expected: FeatureLayout) -> None:
     """Refuse a snapshot fitted on other columns than the detector's."""
     if found != expected:
         raise SnapshotError(
@@ -243,6 +259,9 @@ class _Reader:
         prefix = f"{name}."
         return name in self.members or any(m.startswith(prefix) for m in self.members)
 
+    def _chosen(self, name: str, choices: tuple[Any, ...]) -> Any:
+        return _dataclass_of(self, name, tuple(c for c in choices if c is not type(None)))
+
     def array(self, name: str, kinds: str, *, ndim: int | None = None) -> np.ndarray[Any, Any]:
         if name not in self.members:
             raise SnapshotError(f"it lacks {name}")
@@ -259,6 +278,8 @@ class _Reader:
     def value(self, name: str, hint: Any) -> Any:
         """The member(s) under ``name`` as the type ``hint`` says."""
         hint = _required(hint)
+        if get_origin(hint) in (Union, types.UnionType):
+            hint = self._chosen(name, get_args(hint))
         origin = get_origin(hint)
         if hint in (bool, int, float, str):
             return self.scalar(name, hint)
@@ -291,6 +312,16 @@ def _dtype(hint: Any) -> np.dtype[Any]:
         if isinstance(scalar, type) and issubclass(scalar, np.generic):
             return np.dtype(scalar)
     return np.dtype(np.float64)
+
+
+def _dataclass_of(reader: _Reader, name: str, choices: tuple[Any, ...]) -> Any:
+    """Of a union of dataclasses, the one the archive names at ``name.class``."""
+    found = reader.scalar(f"{name}.class", str)
+    for choice in choices:
+        if dataclasses.is_dataclass(choice) and getattr(choice, "__name__", None) == found:
+            return choice
+    names = ", ".join(getattr(c, "__name__", str(c)) for c in choices)
+    raise SnapshotError(f"{name} is a {found}, not one of {names}")
 
 
 def _optional(hint: Any) -> bool:
@@ -384,14 +415,18 @@ def _check_nodes(nodes: np.ndarray[Any, Any], columns: int, name: str) -> None:
 
 
 def main() -> None:
-    """Print a default-sized forest's snapshot size and timings (for the README)."""
+    """Print the size and timings of a snapshot of the default forest on 4 metrics, with
+    the detector's columns and tests (for the README)."""
+    from consumer.detector import Detector
     from consumer.model import FitParams, fit_model
 
+    detector = Detector(4)
     rng = np.random.default_rng(0)
-    z = rng.standard_normal((50_000, 4))
-    features = np.hstack([z, np.abs(z).max(axis=1, keepdims=True)])
-    model = fit_model(features, FitParams(), version=1, fitted_at=time.time())
-    layout = Layout(("a", "b", "c", "d"), True, features.shape[1])
+    features = rng.standard_normal((50_000, detector.history.width))
+    model = fit_model(
+        features, FitParams(), version=1, fitted_at=time.time(), layout=detector.layout
+    )
+    layout = FeatureLayout(("a", "b", "c", "d"), True, features.shape[1])
     started = time.perf_counter()
     data = encode(model, layout)
     encoded = time.perf_counter() - started
@@ -403,10 +438,9 @@ def main() -> None:
     same = np.array_equal(decoded.model.score(features[:1000]), model.score(features[:1000]))
     print(
         f"{len(model.forest.estimators_)} trees, {nodes} nodes, max_samples "
-        f"{model.forest.max_samples_}, {features.shape[1]} columns: "
+        f"{model.forest.max_samples_}, {features.shape[1]} columns, {len(model.tests)} tests: "
         f"{len(data)} bytes compressed ({math.ceil(len(data) / 1024)} KiB; {plain} plain), "
-        f"encoded in {encoded:.2f} s, "
-        f"decoded in {decoded_seconds:.2f} s, same scores: {same}"
+        f"encoded in {encoded:.2f} s, decoded in {decoded_seconds:.2f} s, same scores: {same}"
     )
 
 

@@ -6,7 +6,13 @@ partition = the input partition the source's events came from, value = its stati
 as JSON::
 
     {"v": 1, "offset": 1234, "ts": 1700000000.0, "features": ["cpu", "mem"],
-     "count": 812, "mean": [0.41, 0.63], "var": [0.0021, 0.0009]}
+     "count": 812, "mean": [0.41, 0.63], "var": [0.0021, 0.0009],
+     "last": [0.40, 0.63], "move": [0.012, 0.001], "move_fast": [0.010, 0.001],
+     "level": [0.3, -0.1]}
+
+``last``, ``move``, ``move_fast`` and ``level`` are the source's last values, its
+long-run and recent movement and its recent level (``SourceNormalizer.temporal``);
+records of format 1 lack them, and restore with none learned yet.
 
 ``offset`` is the input offset the record reflects: the last offset of that input
 partition in the batch. The records go out in the batch's own ``deliver`` call, so they
@@ -31,11 +37,13 @@ import numpy as np
 import orjson
 
 from consumer.kafka_io import Message
-from consumer.normalize import FloatArray, IntArray, SourceNormalizer
+from consumer.normalize import FloatArray, SourceNormalizer, SourceRows
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 had no movement; its records still restore.
+_READABLE_VERSIONS = (1, 2)
 # The stream's time (the newest event time) decides which sources are silent; an event
 # stamped in the future (allowed up to --max-future-seconds, a day by default) would
 # make every other source look silent that long. It counts as at most this far ahead.
@@ -52,6 +60,10 @@ class SourceState:
     count: int
     mean: tuple[float, ...]
     var: tuple[float, ...]
+    last: tuple[float, ...] = ()
+    move: tuple[float, ...] = ()
+    move_fast: tuple[float, ...] = ()
+    level: tuple[float, ...] = ()
 
 
 def encode(state: SourceState) -> bytes:
@@ -64,6 +76,10 @@ def encode(state: SourceState) -> bytes:
             "count": state.count,
             "mean": state.mean,
             "var": state.var,
+            "last": state.last,
+            "move": state.move,
+            "move_fast": state.move_fast,
+            "level": state.level,
         }
     )
 
@@ -75,7 +91,7 @@ class Unreadable(ValueError):
 def decode(value: bytes) -> SourceState:
     try:
         doc = orjson.loads(value)
-        if doc["v"] != FORMAT_VERSION:
+        if doc["v"] not in _READABLE_VERSIONS:
             raise Unreadable(f"format version {doc['v']!r}, this detector reads {FORMAT_VERSION}")
         state = SourceState(
             offset=int(doc["offset"]),
@@ -84,6 +100,10 @@ def decode(value: bytes) -> SourceState:
             count=int(doc["count"]),
             mean=tuple(float(x) for x in doc["mean"]),
             var=tuple(float(x) for x in doc["var"]),
+            last=tuple(float(x) for x in doc.get("last", ())),
+            move=tuple(float(x) for x in doc.get("move", ())),
+            move_fast=tuple(float(x) for x in doc.get("move_fast", ())),
+            level=tuple(float(x) for x in doc.get("level", ())),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, Unreadable):
@@ -92,6 +112,8 @@ def decode(value: bytes) -> SourceState:
     n = len(state.features)
     if len(state.mean) != n or len(state.var) != n or state.count < 0:
         raise Unreadable("mean, var and features differ in length")
+    if any(len(x) not in (0, n) for x in (state.last, state.move, state.move_fast, state.level)):
+        raise Unreadable("movement and features differ in length")
     return state
 
 
@@ -177,12 +199,11 @@ class StateTracker:
         sources: list[str],
         offsets: dict[int, int],
         features: tuple[str, ...],
-        stats: tuple[IntArray, FloatArray, FloatArray],
+        stats: SourceRows,
         expired: list[tuple[str, int]],
     ) -> list[Message]:
         """The changelog records of one batch: each touched source's statistics, stamped
         with the last offset of its partition in the batch, then the tombstones."""
-        count, mean, var = stats
         messages = []
         for i, source in enumerate(sources):
             partition, ts = self.where[source]
@@ -190,9 +211,13 @@ class StateTracker:
                 offset=offsets[partition],
                 ts=ts,
                 features=features,
-                count=int(count[i]),
-                mean=tuple(mean[i].tolist()),
-                var=tuple(var[i].tolist()),
+                count=int(stats.count[i]),
+                mean=tuple(stats.mean[i].tolist()),
+                var=tuple(stats.var[i].tolist()),
+                last=tuple(stats.last[i].tolist()),
+                move=tuple(stats.move[i].tolist()),
+                move_fast=tuple(stats.move_fast[i].tolist()),
+                level=tuple(stats.level[i].tolist()),
             )
             messages.append(Message(self.topic, source.encode(), encode(state), [], partition))
         for source, partition in expired:
@@ -209,13 +234,19 @@ def last_offsets(partitions: Sequence[int], offsets: Sequence[int]) -> dict[int,
     return last
 
 
-def as_arrays(states: Sequence[SourceState]) -> tuple[IntArray, FloatArray, FloatArray]:
+def as_rows(states: Sequence[SourceState]) -> SourceRows:
+    """Restored states as the normalizer's rows (no movement where a record lacks it)."""
     n = len(states)
     width = len(states[0].mean) if states else 0
+
+    def column(name: str) -> FloatArray:
+        values = [getattr(s, name) or (0.0,) * width for s in states]
+        return np.array(values, dtype=np.float64).reshape(n, width)
+
     count = np.fromiter((s.count for s in states), dtype=np.int64, count=n)
-    mean = np.array([s.mean for s in states], dtype=np.float64).reshape(n, width)
-    var = np.array([s.var for s in states], dtype=np.float64).reshape(n, width)
-    return count, mean, var
+    return SourceRows(
+        count, *(column(c) for c in ("mean", "var", "last", "move", "move_fast", "level"))
+    )
 
 
 class Changelog:
@@ -250,9 +281,9 @@ class Changelog:
             normalizer.forget([s for s, _ in expired])
             self.expired_total += len(expired)
         touched = [s for s in dict.fromkeys(sources) if s in tracker.where]
-        kept, count, mean, var = normalizer.export_rows(touched)
+        kept, rows = normalizer.export_rows(touched)
         last = last_offsets(partitions, offsets)
-        return tracker.messages(kept, last, self.features, (count, mean, var), expired)
+        return tracker.messages(kept, last, self.features, rows, expired)
 
     def load(
         self, normalizer: SourceNormalizer | None, restored: dict[int, dict[str, SourceState]]
@@ -287,8 +318,7 @@ class Changelog:
             )
             self.tracker.forget([s for s in pending if s not in fits])
         names = list(fits)
-        count, mean, var = as_arrays([fits[s] for s in names])
-        normalizer.import_rows(names, count, mean, var)
+        normalizer.import_rows(names, as_rows([fits[s] for s in names]))
 
     def forget_except(self, normalizer: SourceNormalizer | None, keep: set[int]) -> int:
         """Drop every known source whose partition is not in ``keep``; how many. Sources

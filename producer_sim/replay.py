@@ -67,7 +67,10 @@ def replay(
             training, version = detector.training_set(now)
             if forced and len(training) < MIN_FORCED_TRAINING:
                 training = np.concatenate([p.features for _, p in held])
-            model = fit_model(training, detector.settings.fit, version=version, fitted_at=now)
+            model = fit_model(
+                training, detector.settings.fit, version=version, fitted_at=now,
+                layout=detector.layout,
+            )  # fmt: skip
             detector.install(model)
             if held:
                 yield from _drain(detector, held)

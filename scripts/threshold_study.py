@@ -23,7 +23,7 @@ import numpy as np
 
 from consumer.detector import Detector, DetectorSettings
 from consumer.events import Event
-from consumer.model import PER_EVENTS, FitParams, FittedModel, ScoreTail, fit_model
+from consumer.model import PER_EVENTS, FitParams, FittedModel, Layout, ScoreTail, fit_model
 from consumer.normalize import BoolArray, FloatArray, IntArray
 from producer_sim.generator import KINDS, SimConfig, Simulator
 from producer_sim.report import Detection, Report, Truth, build_report
@@ -49,14 +49,19 @@ class Replay:
     fits: list[tuple[int, FloatArray]]
 
 
+LAYOUT = Layout()
+
+
 def replay(sim: SimConfig, events: int, settings: DetectorSettings) -> Replay:
     simulator = Simulator(sim)
     block = simulator.next_block(events // sim.sources)
     sources = simulator.source_names
     detector = Detector(len(sim.metric_names), settings)
+    global LAYOUT
+    LAYOUT = detector.layout
     window_of = np.floor(block.ts / WINDOW_SECONDS)
     edges = np.flatnonzero(np.diff(window_of)) + 1
-    features = np.zeros((len(block), detector.history._rows.shape[1]))
+    features = np.zeros((len(block), detector.history.width))
     warmed = np.zeros(len(block), dtype=bool)
     window = np.zeros(len(block), dtype=np.intp)
     fits: list[tuple[int, FloatArray]] = []
@@ -98,7 +103,7 @@ Rule = Callable[[FloatArray], tuple[FittedModel, float | None]]
 def pot(budget: float, *, tail_share: float = 0.005, **fit: object) -> Rule:
     def rule(training: FloatArray) -> tuple[FittedModel, float | None]:
         params = replace(FitParams(false_alarm_rate=budget, tail_share=tail_share), **fit)  # type: ignore[arg-type]
-        model = fit_model(training, params, version=1, fitted_at=0.0)
+        model = fit_model(training, params, version=1, fitted_at=0.0, layout=LAYOUT)
         return model, None
 
     return rule

@@ -27,7 +27,8 @@ def test_outliers_within_a_source_are_found_across_very_different_baselines() ->
         detector.learn(batch)
     assert detector.fit_due(100.0)
     training, version = detector.training_set(100.0)
-    detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0))
+    detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0,
+                                      layout=detector.layout))  # fmt: skip
     assert detector.model is not None
 
     events = fleet_batch(rng, 40, 200.0)
@@ -45,7 +46,8 @@ def test_young_sources_are_scored_but_never_reported() -> None:
         batch = detector.prepare(fleet_batch(rng, 10, float(i)))
         detector.learn(batch)
     training, version = detector.training_set(0.0)
-    detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0))
+    detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0,
+                                      layout=detector.layout))  # fmt: skip
     assert detector.model is not None
     verdict = Detector.score(
         detector.prepare([Event("brand-new", 0.0, (1e9, 1e9), {})]), detector.model
@@ -141,7 +143,8 @@ def test_a_backlog_of_one_source_is_judged_against_recent_statistics() -> None:
         batch = detector.prepare(steady[start : start + 20])
         detector.learn(batch)
     training, version = detector.training_set(0.0)
-    model = fit_model(training, settings.fit, version=version, fitted_at=0.0)
+    model = fit_model(training, settings.fit, version=version, fitted_at=0.0,
+                      layout=detector.layout)  # fmt: skip
     backlog = drifting_backlog(rng, 1_000)
 
     # The control: the same backlog scored in one piece (scoring alone changes nothing).
@@ -192,7 +195,8 @@ def run_fleet(
     detector = Detector(2, settings)
     held = [detector.learn_unjudged(detector.prepare(b)) for b in batches[:150]]
     training, version = detector.training_set(0.0)
-    detector.install(fit_model(training, params, version=version, fitted_at=0.0))
+    detector.install(fit_model(training, params, version=version, fitted_at=0.0,
+                               layout=detector.layout))  # fmt: skip
     assert detector.model is not None
     flagged = [Detector.score(p, detector.model).anomalous for p in held]
     for batch in batches[150:]:
@@ -237,9 +241,9 @@ def test_a_cold_start_batch_with_outliers_does_not_teach_the_statistics_with_the
     real = clean.normalizer._count > 0
     ratio = dirty.normalizer._var[real] / clean.normalizer._var[real]
     assert ratio.max() < 1.6
-    assert dirty.history.snapshot()[:, -1].max() <= dirty.settings.outlier_z
+    assert dirty.history.snapshot()[:, dirty.layout.columns[0][0]].max() <= dirty.settings.outlier_z
     # Held events keep the features they had when they came: the outliers stand out.
-    assert (held.features[truth.ravel(), -1] > 5.0).mean() > 0.95
+    assert (held.features[truth.ravel(), dirty.layout.columns[0][0]] > 5.0).mean() > 0.95
 
 
 def test_what_is_reported_never_changes_what_is_learned() -> None:
@@ -259,3 +263,58 @@ def test_a_held_batch_keeps_the_features_it_would_have_had_live() -> None:
     judged, _ = live.judge(live.prepare(events), model)
     np.testing.assert_array_equal(prepared.features, judged.features)
     np.testing.assert_array_equal(prepared.warmed, judged.warmed)
+
+
+def test_a_source_stuck_at_a_plausible_value_is_reported() -> None:
+    """Every metric at its mean, per event perfectly normal: only stillness shows it
+    (the per-event tests alone flag none of these events)."""
+    batches, _ = fleet_with_outliers(0.0, seed=6)
+    stuck_from, stuck_to = 400, 440
+    for tick in range(stuck_from, stuck_to):
+        frozen = batches[stuck_from - 1][7]
+        batches[tick][7] = Event(frozen.source, float(tick), frozen.values, {})
+    settings = DetectorSettings(min_train=2_000, warmup_events=20, fit=FLEET_FIT)
+    detector = Detector(2, settings)
+    for batch in batches[:300]:
+        detector.learn(detector.prepare(batch))
+    training, version = detector.training_set(0.0)
+    model = fit_model(training, FLEET_FIT, version=version, fitted_at=0.0,
+                      layout=detector.layout)  # fmt: skip
+    flagged = []
+    for batch in batches[300:]:
+        _, verdict = detector.judge(detector.prepare(batch), model)
+        flagged.append(verdict.anomalous)
+    found = np.array(flagged)
+    assert found[stuck_from - 300 : stuck_to - 300, 7].sum() >= 20
+    assert found[:, [s for s in range(20) if s != 7]].sum() <= 3
+
+
+def test_a_metric_breaking_away_from_its_partner_is_reported() -> None:
+    """Two metrics driven by one slowly wandering load; one source's second metric turns
+    against it for 30 events, each value within its normal range."""
+    rng = np.random.default_rng(8)
+    sources, ticks = 20, 700
+    load = np.zeros((ticks, sources))
+    for t in range(1, ticks):
+        load[t] = 0.95 * load[t - 1] + np.sqrt(1 - 0.95**2) * rng.standard_normal(sources)
+    noise = 0.3 * rng.standard_normal((ticks, sources, 2))
+    values = 100 + 10 * (load[:, :, None] + noise)
+    broken = slice(500, 530)
+    values[broken, 5, 1] = 200 - values[broken, 5, 1]  # mirrored around the mean, 100
+    batches = [
+        [Event(f"s{s}", float(t), tuple(values[t, s]), {}) for s in range(sources)]
+        for t in range(ticks)
+    ]
+    settings = DetectorSettings(min_train=2_000, warmup_events=20, fit=FLEET_FIT)
+    detector = Detector(2, settings)
+    for batch in batches[:400]:
+        detector.learn(detector.prepare(batch))
+    training, version = detector.training_set(0.0)
+    model = fit_model(training, FLEET_FIT, version=version, fitted_at=0.0, layout=detector.layout)
+    found = np.array(
+        [detector.judge(detector.prepare(b), model)[1].anomalous for b in batches[400:]]
+    )
+    assert found[100:130, 5].sum() >= 5
+    others = np.ones(sources, dtype=bool)
+    others[5] = False
+    assert found[:, others].sum() <= 3

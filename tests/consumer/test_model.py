@@ -9,9 +9,12 @@ import pytest
 
 from consumer.model import (
     PER_EVENTS,
+    ColumnTest,
     FitParams,
     History,
+    Layout,
     RefitSchedule,
+    ResidualTest,
     ScoreTail,
     _gpd_pwm,
     fit_model,
@@ -144,15 +147,18 @@ def detector_rows(n: int, seed: int = 0) -> np.ndarray:
     return np.hstack([z, np.abs(z).max(axis=1, keepdims=True)])
 
 
-def test_the_budget_sets_both_thresholds_and_is_the_rate_at_them() -> None:
-    model = fit_model(detector_rows(20_000), FitParams(false_alarm_rate=2.0, seed=1), version=1,
-                      fitted_at=0.0)  # fmt: skip
+def test_the_budget_is_shared_by_the_tests_and_is_the_rate_at_their_thresholds() -> None:
+    rows = detector_rows(20_000)
+    model = fit_model(rows, FitParams(false_alarm_rate=2.0, seed=1), version=1, fitted_at=0.0,
+                      layout=Layout(((3, 0.0),)))  # fmt: skip
     assert model.budget == 2.0
-    assert model.z_tail is not None
-    # Each test gets half the budget; an event at either threshold is at the budget.
+    (z_test,) = model.tests
+    assert isinstance(z_test, ColumnTest)
+    assert z_test.column == 3
+    # Each of the two tests gets half the budget; an event at either threshold is at it.
     at_score = model.false_alarm_rates(np.array([model.threshold]))
     assert at_score[0] == pytest.approx(1.0)
-    edge = np.array([[model.z_threshold, 0.0, 0.0, model.z_threshold]])
+    edge = np.array([[z_test.threshold, 0.0, 0.0, z_test.threshold]])
     assert model.false_alarm_rates(model.score(edge), edge)[0] <= 2.0 + 1e-9
     fresh = detector_rows(200_000, seed=2)
     _, anomalous, rates = model.judge(fresh)
@@ -169,7 +175,45 @@ def test_overrides_decide_by_the_score_alone() -> None:
         np.testing.assert_array_equal(anomalous, scores > model.threshold)
 
 
-def test_raw_features_have_no_largest_z_test() -> None:
+def test_without_tail_columns_the_score_has_the_whole_budget() -> None:
     model = fit_model(normal(3_000), FitParams(seed=1), version=1, fitted_at=0.0)
-    assert model.z_tail is None
+    assert model.tests == ()
     assert model.false_alarm_rates(np.array([model.threshold]))[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("slope", "row", "expected"),
+    [
+        # y = slope * x + noise(sd 0.1): a row on the line has no residual; one off it by
+        # 1 has a residual of 1 / 0.1 = 10 spreads in y's prediction.
+        (2.0, (1.0, 2.0), 0.0),
+        (2.0, (1.0, 3.0), 10.0),
+        (-1.0, (1.0, 1.0), 20.0),
+    ],
+)
+def test_the_relation_test_measures_how_far_a_row_is_from_the_usual_relation(
+    slope: float, row: tuple[float, float], expected: float
+) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(50_000) * 10
+    training = np.column_stack([x, slope * x + 0.1 * rng.standard_normal(len(x))])
+    weights, scale = ResidualTest.fit_relation(training)
+    assert weights[1, 0] == pytest.approx(slope, rel=1e-3)
+    assert scale[1] == pytest.approx(0.1, rel=0.02)
+    test = ResidualTest((0, 1), weights, scale, ScoreTail.fit(np.zeros(10)), 6.0)
+    # The larger of the two predictions' residuals: y from x is the sharper one here.
+    assert test.statistic(np.array([row]))[0] == pytest.approx(expected, rel=0.03, abs=0.05)
+
+
+def test_a_layout_gives_each_test_its_share_of_the_budget() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((20_000, 2))
+    rows = np.column_stack([x, np.abs(x).max(axis=1), x @ [[1.0, 0.9], [0.0, 0.4]]])
+    layout = Layout(((2, 0.0),), ((3, 4), 6.0))
+    model = fit_model(rows, FitParams(seed=1), version=1, fitted_at=0.0, layout=layout)
+    assert [type(t) for t in model.tests] == [ColumnTest, ResidualTest]
+    # The relation's test never goes under its least threshold.
+    assert model.tests[1].threshold >= 6.0
+    # Three tests: normal events exceed the score's threshold at a third of the budget.
+    at_score = model.tail.rate(np.array([model.threshold]))[0] * PER_EVENTS
+    assert at_score == pytest.approx(1 / 3)

@@ -22,22 +22,23 @@ from consumer.model_topic import Found, ModelPublisher, latest
 from consumer.observer import Observer
 from consumer.pipeline import Processor, Stopping, fit_params
 from consumer.refit import Refitter
-from consumer.snapshot import Layout, decode, encode
+from consumer.snapshot import FeatureLayout, decode, encode
 from tests.consumer.test_pipeline import P0, P1, Clock, FakeConsumer, FakeDelivery, Loop, stop
 
-# The pipeline tests' events: one metric "x", per-source z-scores plus their largest |z|.
-LAYOUT = Layout(("x",), True, 2)
+# The pipeline tests' events: one metric "x"; its z-score, largest |z|, stillness and
+# recent level.
+LAYOUT = FeatureLayout(("x",), True, 4)
 
 
-def fitted(version: int = 7, columns: int = 2, **params: Any) -> FittedModel:
-    z = np.random.default_rng(0).standard_normal((500, 1))
-    features = np.hstack([z, np.abs(z)])[:, :columns]
+def fitted(version: int = 7, columns: int = 4, **params: Any) -> FittedModel:
+    z = np.random.default_rng(0).standard_normal((500, 3))
+    features = np.hstack([z[:, :1], np.abs(z[:, :1]), z[:, 1:]])[:, :columns]
     return fit_model(
         features, FitParams(n_estimators=10, **params), version=version, fitted_at=1.7e9
     )
 
 
-def found(model: FittedModel, layout: Layout = LAYOUT) -> Found:
+def found(model: FittedModel, layout: FeatureLayout = LAYOUT) -> Found:
     data = encode(model, layout)
     return Found(decode(data), len(data), "models[0]@3")
 
@@ -129,8 +130,8 @@ async def test_a_snapshot_judges_the_first_batch_with_no_hold() -> None:
 @pytest.mark.parametrize(
     ("snapshot", "extra"),
     [
-        (found(fitted(), Layout(("y",), True, 2)), ()),  # another metric
-        (found(fitted(columns=1), Layout(("x",), False, 1)), ()),  # raw values
+        (found(fitted(), FeatureLayout(("y",), True, 4)), ()),  # another metric
+        (found(fitted(columns=1), FeatureLayout(("x",), False, 1)), ()),  # raw values
         (found(fitted()), ("--false-alarm-rate", "2")),  # thresholds for another budget
         (found(fitted(score_threshold=0.6)), ()),  # a fixed threshold, here a budget
     ],

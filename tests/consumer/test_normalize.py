@@ -88,3 +88,71 @@ def test_disabled_is_the_identity() -> None:
     norm = SourceNormalizer(2, enabled=False)
     values = np.array([[1.0, 2.0]])
     np.testing.assert_array_equal(norm.transform(norm.rows(["a"]), values), values)
+
+
+def learned(values: np.ndarray, *, batch: int = 1) -> SourceNormalizer:
+    """A one-source table that learned ``values`` (rows of metrics), ``batch`` at a time."""
+    table = SourceNormalizer(values.shape[1], warmup_events=5)
+    for start in range(0, len(values), batch):
+        part = values[start : start + batch]
+        table.update(table.rows(["a"] * len(part)), part, np.ones(len(part), dtype=bool))
+    return table
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        # Steps of 1 then: as usual -> 0.
+        (np.ones(8), 0.0),
+        # Stuck for 8 events: recent movement 0.5**2 = 1/4 of usual (half-life 4 events),
+        # less the 1% floor on both sides.
+        (np.zeros(8), np.log((1.0 + 0.01) / (0.25 + 0.01))),
+        # Steps of 3 for 4 events: recent 2, usual 1 (the long run barely moved).
+        (np.full(4, 3.0), np.log(1.01 / 2.01)),
+    ],
+)
+def test_stillness_is_the_log_ratio_of_usual_to_recent_movement(
+    tail: np.ndarray, expected: float
+) -> None:
+    # Alternating 0/1: every step is 1; std 0.5 (the floor is 1% of it: 0.005 ... of the
+    # mean 0.5); then the tail's steps, alternating in sign.
+    usual = np.tile([0.0, 1.0], 400)
+    steps = np.cumsum(np.r_[0.0, tail * np.resize([1.0, -1.0], len(tail))])[1:] + usual[-1]
+    table = learned(usual[:, None])
+    still = table.temporal(table.rows(["a"] * len(steps), create=False), steps[:, None])[0]
+    # The long run's estimate carries a little of the history's weighting: within 5%.
+    assert still[-1] == pytest.approx(expected, rel=0.05, abs=0.02)
+
+
+def test_stillness_reads_a_batch_in_order_like_one_event_at_a_time() -> None:
+    rng = np.random.default_rng(4)
+    values = np.cumsum(rng.standard_normal((300, 2)), axis=0)
+    one_by_one, in_batches = learned(values[:200]), learned(values[:200], batch=37)
+    probe = values[200:]
+    expected = []
+    for event in probe:
+        row = one_by_one.rows(["a"])
+        expected.append(one_by_one.temporal(row, event[None, :])[0][0])
+        one_by_one.update(row, event[None, :], np.ones(1, dtype=bool))
+    got = in_batches.temporal(in_batches.rows(["a"] * len(probe)), probe)[0]
+    # One at a time, the long-run movement also learns from the events before each one;
+    # in a batch it stands as at the batch's start. The recent movement is the same.
+    assert np.corrcoef(got, expected)[0, 1] > 0.99
+
+
+def test_a_stuck_source_is_still_and_a_moving_one_is_not() -> None:
+    rng = np.random.default_rng(5)
+    table = SourceNormalizer(3, warmup_events=5)
+    history = 100 + rng.standard_normal((500, 3))
+    for source in ("moving", "stuck"):
+        table.update(table.rows([source] * 500), history, np.ones(500, dtype=bool))
+    later = 100 + rng.standard_normal((20, 3))
+    stuck = np.repeat(later[:1], 20, axis=0)
+    moving_still = table.temporal(table.rows(["moving"] * 20), later)[0]
+    stuck_still = table.temporal(table.rows(["stuck"] * 20), stuck)[0]
+    assert np.abs(moving_still).max() < 1.0
+    assert stuck_still[-1] > 2.5
+    # A metric that never moves counts as moving as usual, not as infinitely still.
+    constant = SourceNormalizer(1, warmup_events=5)
+    constant.update(constant.rows(["c"] * 50), np.full((50, 1), 7.0), np.ones(50, dtype=bool))
+    assert constant.temporal(constant.rows(["c"] * 5), np.full((5, 1), 7.0))[0] == pytest.approx(0)

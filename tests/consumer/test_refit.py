@@ -37,7 +37,8 @@ PARAMS = FitParams(n_estimators=20, max_samples=256, seed=1)
 
 def detector_with_history(rows: int, seed: int = 0) -> Detector:
     detector = Detector(4, DetectorSettings(min_train=100, history_size=max(rows, 100)))
-    detector.history.add(np.random.default_rng(seed).standard_normal((rows, 5)))
+    width = detector.history.width
+    detector.history.add(np.random.default_rng(seed).standard_normal((rows, width)))
     return detector
 
 

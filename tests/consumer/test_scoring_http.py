@@ -59,7 +59,15 @@ def fitted(features: tuple[str, ...]) -> FakeLive:
         batch = detector.prepare(events)
         detector.learn(batch)
     training, version = detector.training_set(NOW)
-    detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=NOW))
+    detector.install(
+        fit_model(
+            training,
+            detector.settings.fit,
+            version=version,
+            fitted_at=NOW,
+            layout=detector.layout,
+        )
+    )
     return FakeLive(EventParser(features), detector)
 
 

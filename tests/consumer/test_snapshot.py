@@ -11,10 +11,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from consumer.model import FitParams, FittedModel, ScoreTail, fit_model
+from consumer.model import ColumnTest, FitParams, FittedModel, ResidualTest, ScoreTail, fit_model
+from consumer.model import Layout as ModelLayout
 from consumer.snapshot import (
     FORMAT_VERSION,
-    Layout,
+    FeatureLayout,
     SnapshotError,
     check_layout,
     check_rule,
@@ -22,7 +23,7 @@ from consumer.snapshot import (
     encode,
 )
 
-LAYOUT = Layout(("cpu", "mem", "disk"), True, 4)
+LAYOUT = FeatureLayout(("cpu", "mem", "disk"), True, 4)
 
 
 def features(n: int, seed: int) -> np.ndarray:
@@ -31,11 +32,34 @@ def features(n: int, seed: int) -> np.ndarray:
     return np.hstack([z, np.abs(z).max(axis=1, keepdims=True)])
 
 
+# Beside the forest: a test of the largest |z| column and one of the z-scores' relation.
+TESTS = ModelLayout(columns=((3, 0.0),), relation=((0, 1, 2), 6.0))
+
+
 @pytest.fixture(scope="module")
 def model() -> FittedModel:
-    return fit_model(
-        features(3000, seed=0), FitParams(n_estimators=30, seed=1), version=7, fitted_at=1.7e9
-    )
+    model = fit_model(
+        features(3000, seed=0), FitParams(n_estimators=30, seed=1), version=7, fitted_at=1.7e9,
+        layout=TESTS,
+    )  # fmt: skip
+    assert [type(t) for t in model.tests] == [ColumnTest, ResidualTest]
+    return model
+
+
+def assert_same(mine: Any, theirs: Any, name: str) -> None:
+    """Equal field by field, arrays element by element."""
+    if dataclasses.is_dataclass(theirs):
+        assert type(mine) is type(theirs), name
+        for f in dataclasses.fields(theirs):
+            assert_same(getattr(mine, f.name), getattr(theirs, f.name), f"{name}.{f.name}")
+    elif isinstance(theirs, tuple | list):
+        assert len(mine) == len(theirs), name
+        for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            assert_same(a, b, f"{name}.{i}")
+    elif isinstance(theirs, np.ndarray):
+        np.testing.assert_array_equal(mine, theirs, err_msg=name)
+    else:
+        assert mine == theirs, name
 
 
 @pytest.fixture(scope="module")
@@ -69,31 +93,23 @@ def test_a_decoded_model_scores_and_judges_as_the_original(model: FittedModel, d
 def test_every_field_but_the_forest_comes_back_equal(model: FittedModel, data: bytes) -> None:
     got = decode(data).model
     for f in dataclasses.fields(FittedModel):
-        if f.name == "forest":
-            continue
-        mine, theirs = getattr(got, f.name), getattr(model, f.name)
-        if f.name == "path_lengths":
-            for a, b in zip(mine, theirs, strict=True):
-                np.testing.assert_array_equal(a, b)
-        elif dataclasses.is_dataclass(theirs):
-            for g in dataclasses.fields(theirs):
-                np.testing.assert_array_equal(getattr(mine, g.name), getattr(theirs, g.name))
-        else:
-            assert mine == theirs, f.name
+        if f.name != "forest":
+            assert_same(getattr(got, f.name), getattr(model, f.name), f.name)
     assert got.version == 7
     assert got.fitted_at == 1.7e9
 
 
 def test_none_and_infinity_survive() -> None:
-    # A fixed threshold: no budget, no |z| tail, z_threshold infinite.
+    # A fixed threshold: no budget, no tests; a tail whose shape is 0 and an infinite value.
     raw = np.random.default_rng(3).standard_normal((500, 2))
     model = fit_model(raw, FitParams(n_estimators=5, score_threshold=0.7), version=1, fitted_at=0)
+    model = dataclasses.replace(model, tail=dataclasses.replace(model.tail, scale=np.inf))
     assert model.budget is None
-    assert model.z_tail is None
-    got = decode(encode(model, Layout(("a", "b"), False, 2))).model
+    assert model.tests == ()
+    got = decode(encode(model, FeatureLayout(("a", "b"), False, 2))).model
     assert got.budget is None
-    assert got.z_tail is None
-    assert got.z_threshold == np.inf
+    assert got.tests == ()
+    assert got.tail.scale == np.inf
     assert got.threshold == 0.7
 
 
@@ -112,13 +128,13 @@ def test_another_format_version_is_refused(data: bytes) -> None:
 @pytest.mark.parametrize(
     "other",
     [
-        Layout(("cpu", "mem", "net"), True, 4),  # another metric
-        Layout(("mem", "cpu", "disk"), True, 4),  # another order
-        Layout(("cpu", "mem", "disk"), False, 3),  # raw values
-        Layout(("cpu", "mem", "disk"), True, 5),  # a column more
+        FeatureLayout(("cpu", "mem", "net"), True, 4),  # another metric
+        FeatureLayout(("mem", "cpu", "disk"), True, 4),  # another order
+        FeatureLayout(("cpu", "mem", "disk"), False, 3),  # raw values
+        FeatureLayout(("cpu", "mem", "disk"), True, 5),  # a column more
     ],
 )
-def test_another_feature_layout_is_refused(data: bytes, other: Layout) -> None:
+def test_another_feature_layout_is_refused(data: bytes, other: FeatureLayout) -> None:
     with pytest.raises(SnapshotError, match="its features are 4 column"):
         decode(data, other)
     with pytest.raises(SnapshotError, match="this detector's are"):
@@ -179,6 +195,23 @@ def test_a_tree_pointing_out_of_range_is_refused(
     nodes = arrays["tree.3.nodes"].copy()
     nodes[field][0] = value  # the root is an inner node
     arrays["tree.3.nodes"] = nodes
+    with pytest.raises(SnapshotError, match=reason):
+        decode(repack(arrays), LAYOUT)
+
+
+@pytest.mark.parametrize(
+    ("member", "value", "reason"),
+    [
+        ("model.tests.0.column", np.array(9), "cannot judge a row: IndexError"),
+        ("model.tests.1.weights", np.zeros((2, 2)), "cannot judge a row: ValueError"),
+        ("model.tests.1.class", np.array("Popen"), "is a Popen, not one of ColumnTest"),
+    ],
+)
+def test_a_test_that_does_not_fit_the_columns_is_refused(
+    data: bytes, member: str, value: Any, reason: str
+) -> None:
+    arrays = members(data)
+    arrays[member] = value
     with pytest.raises(SnapshotError, match=reason):
         decode(repack(arrays), LAYOUT)
 

@@ -9,7 +9,7 @@ import pytest
 from consumer.app import check_state_partitions
 from consumer.config import load_config
 from consumer.kafka_io import StartupError
-from consumer.normalize import SourceNormalizer
+from consumer.normalize import SourceNormalizer, SourceRows
 from consumer.state import (
     Changelog,
     Restored,
@@ -39,7 +39,7 @@ def test_a_state_record_decodes_to_what_was_encoded() -> None:
     ("value", "why"),
     [
         (b"not json", "not a state record"),
-        (orjson.dumps({"v": 2}), "format version 2"),
+        (orjson.dumps({"v": 3}), "format version 3"),
         (orjson.dumps({"v": 1, "offset": 1}), "not a state record"),
         (UNEVEN, "differ in length"),
     ],
@@ -89,15 +89,20 @@ def test_the_normalizer_rows_survive_export_and_import() -> None:
     source = SourceNormalizer(2, warmup_events=5)
     idx = source.rows(["a", "b", "a", "c"])
     source.update(idx, rng.normal(size=(4, 2)), np.ones(4, dtype=bool))
-    names, count, mean, var = source.export_rows(["c", "a", "unknown"])
+    names, rows = source.export_rows(["c", "a", "unknown"])
     assert names == ["c", "a"]
 
     target = SourceNormalizer(2, warmup_events=5)
-    target.import_rows(names, count, mean, var)
+    target.import_rows(names, rows)
     probe = rng.normal(size=(2, 2))
     assert np.array_equal(
         target.transform(target.rows(names, create=False), probe),
         source.transform(source.rows(names, create=False), probe),
+    )
+    # The movement travels too: stillness reads the last values and both movements.
+    assert np.array_equal(
+        target.temporal(target.rows(names, create=False), probe)[0],
+        source.temporal(source.rows(names, create=False), probe)[0],
     )
     assert target.forget(["a", "zz"]) == 1
     assert target.sources() == ["c"]
@@ -106,7 +111,10 @@ def test_the_normalizer_rows_survive_export_and_import() -> None:
 def test_import_beyond_the_table_evicts_instead_of_failing() -> None:
     table = SourceNormalizer(1, max_sources=3)
     names = [f"s{i}" for i in range(5)]
-    table.import_rows(names, np.arange(5), np.zeros((5, 1)), np.ones((5, 1)))
+    zeros = np.zeros((5, 1))
+    table.import_rows(
+        names, SourceRows(np.arange(5), zeros, np.ones((5, 1)), zeros, zeros, zeros, zeros)
+    )
     assert len(table) <= 3
     assert "s4" in table.sources()
 
