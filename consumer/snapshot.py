@@ -34,6 +34,7 @@ import time
 import types
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -184,23 +185,8 @@ def decode(data: bytes, layout: FeatureLayout | None = None) -> Snapshot:
     if found.columns < 1:
         raise SnapshotError(f"layout.columns is {found.columns}")
     forest = _forest(reader, found.columns)
-    values: dict[str, Any] = {"forest": forest, **forest_derived(forest)}
-    hints = get_type_hints(FittedModel)
-    for f in dataclasses.fields(FittedModel):
-        if f.name in values:
-            continue
-        name = f"model.{f.name}"
-        if not reader.has(name):
-            if _optional(hints[f.name]):
-                values[f.name] = None
-                continue
-            if f.default is not dataclasses.MISSING:
-                # Written before this field existed: its default is what it meant then.
-                values[f.name] = f.default
-                continue
-            raise SnapshotError(f"it lacks {name}")
-        values[f.name] = reader.value(name, hints[f.name])
-    model = FittedModel(**values)
+    given: dict[str, Any] = {"forest": forest, **forest_derived(forest)}
+    model = FittedModel(**given, **reader.fields("model", FittedModel, skip=given.keys()))
     _probe(model, found.columns)
     return Snapshot(model, found)
 
@@ -259,8 +245,34 @@ class _Reader:
         prefix = f"{name}."
         return name in self.members or any(m.startswith(prefix) for m in self.members)
 
+    def fields(self, prefix: str, cls: type[Any], skip: Iterable[str] = ()) -> dict[str, Any]:
+        """The fields of dataclass ``cls`` found under ``prefix``, but ``skip``. A field
+        with no member is None if it may be, else its default (written before the field
+        existed: the default is what it meant then); a field with neither is missing."""
+        hints = get_type_hints(cls)
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f"{prefix}.{f.name}"
+            if f.name in skip:
+                continue
+            if self.has(name):
+                out[f.name] = self.value(name, hints[f.name])
+            elif _optional(hints[f.name]):
+                out[f.name] = None
+            elif f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            else:
+                raise SnapshotError(f"it lacks {name}")
+        return out
+
     def _chosen(self, name: str, choices: tuple[Any, ...]) -> Any:
-        return _dataclass_of(self, name, tuple(c for c in choices if c is not type(None)))
+        """Of a union of dataclasses, the one the archive names at ``name.class``."""
+        found = self.scalar(f"{name}.class", str)
+        for choice in choices:
+            if dataclasses.is_dataclass(choice) and getattr(choice, "__name__", None) == found:
+                return choice
+        names = ", ".join(getattr(c, "__name__", str(c)) for c in choices if c is not type(None))
+        raise SnapshotError(f"{name} is a {found}, not one of {names}")
 
     def array(self, name: str, kinds: str, *, ndim: int | None = None) -> np.ndarray[Any, Any]:
         if name not in self.members:
@@ -293,13 +305,7 @@ class _Reader:
             n = self.scalar(f"{name}.n", int)
             return origin(self.value(f"{name}.{i}", item) for i in range(n))
         if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-            nested = get_type_hints(hint)
-            return hint(
-                **{
-                    f.name: self.value(f"{name}.{f.name}", nested[f.name])
-                    for f in dataclasses.fields(hint)
-                }
-            )
+            return hint(**self.fields(name, hint))
         raise TypeError(f"a snapshot cannot decode {name} of type {hint}")
 
 
@@ -312,16 +318,6 @@ def _dtype(hint: Any) -> np.dtype[Any]:
         if isinstance(scalar, type) and issubclass(scalar, np.generic):
             return np.dtype(scalar)
     return np.dtype(np.float64)
-
-
-def _dataclass_of(reader: _Reader, name: str, choices: tuple[Any, ...]) -> Any:
-    """Of a union of dataclasses, the one the archive names at ``name.class``."""
-    found = reader.scalar(f"{name}.class", str)
-    for choice in choices:
-        if dataclasses.is_dataclass(choice) and getattr(choice, "__name__", None) == found:
-            return choice
-    names = ", ".join(getattr(c, "__name__", str(c)) for c in choices)
-    raise SnapshotError(f"{name} is a {found}, not one of {names}")
 
 
 def _optional(hint: Any) -> bool:
