@@ -57,6 +57,7 @@ async def write(bootstrap: str, topic: str, sources: int, partitions: int) -> in
                 move=tuple(var[i].tolist()),
                 move_fast=tuple(var[i].tolist()),
                 level=tuple(mean[i].tolist()),
+                still_share=tuple(var[i].tolist()),
             )
             key = f"host-{i:06d}".encode()
             value = encode(state)

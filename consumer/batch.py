@@ -25,7 +25,7 @@ from aiokafka import TopicPartition
 from consumer.alerts import AlertSender
 from consumer.detector import Detector, Prepared, Verdict
 from consumer.events import Event, Invalid
-from consumer.incidents import IncidentTracker, Point
+from consumer.incidents import IncidentTracker, Point, followed
 from consumer.kafka_io import Message
 from consumer.messages import Record, anomaly_messages, dead_letter, incident_message
 from consumer.model import FittedModel
@@ -214,16 +214,18 @@ class Finisher:
 
     def _track(self, prepared: Prepared, verdict: Verdict) -> list[dict[str, Any]]:
         """Scoring thread: fold the judged batch into the incidents. Only events of
-        sources with an anomaly now or an incident (or pending anomalies) matter."""
+        sources with an anomaly now or an incident (or pending anomalies) matter
+        (``followed``)."""
         events = prepared.events
         if not events:
             return []
         anomalous = verdict.anomalous.tolist()
         rates = verdict.false_alarm_rates
-        watched = self.incidents.watched
         names = self.features
         points = []
-        for i, event in enumerate(events):
+        sources = [e.source for e in events]
+        for i in followed(sources, anomalous, self.incidents.watched):
+            event = events[i]
             if anomalous[i]:
                 zscores = None
                 if names is not None:
@@ -231,7 +233,7 @@ class Finisher:
                     zscores = dict(zip(names, row, strict=True))
                 points.append(Point(event.source, event.ts, True, float(verdict.scores[i]),
                                     float(rates[i]), zscores))  # fmt: skip
-            elif event.source in watched:
+            else:
                 points.append(Point(event.source, event.ts, False))
         return self.incidents.track(points, stream_ts=max(e.ts for e in events))
 

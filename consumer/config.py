@@ -211,7 +211,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--incident-open-anomalies",
         integer(minimum=1),
-        4,
+        10,
         "anomalies of one source, close together (--incident-open-gap-events), that open an "
         "incident",
     ),
@@ -225,7 +225,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--incident-open-at-once-z",
         number(minimum=0.0),
-        8.0,
+        9.0,
         "a single anomaly with a metric at least this many of its source's standard "
         "deviations off opens an incident at once",
     ),

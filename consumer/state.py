@@ -8,10 +8,11 @@ as JSON::
     {"v": 1, "offset": 1234, "ts": 1700000000.0, "features": ["cpu", "mem"],
      "count": 812, "mean": [0.41, 0.63], "var": [0.0021, 0.0009],
      "last": [0.40, 0.63], "move": [0.012, 0.001], "move_fast": [0.010, 0.001],
-     "level": [0.3, -0.1]}
+     "level": [0.3, -0.1], "still_share": [0.0, 0.2]}
 
-``last``, ``move``, ``move_fast`` and ``level`` are the source's last values, its
-long-run and recent movement and its recent level (``SourceNormalizer.temporal``);
+``last``, ``move``, ``move_fast``, ``level`` and ``still_share`` are the source's last
+values, its long-run and recent movement, its recent level and how often it stands
+still (``SourceNormalizer.temporal``);
 records of format 1 lack them, and restore with none learned yet.
 
 ``offset`` is the input offset the record reflects: the last offset of that input
@@ -64,6 +65,7 @@ class SourceState:
     move: tuple[float, ...] = ()
     move_fast: tuple[float, ...] = ()
     level: tuple[float, ...] = ()
+    still_share: tuple[float, ...] = ()
 
 
 def encode(state: SourceState) -> bytes:
@@ -80,6 +82,7 @@ def encode(state: SourceState) -> bytes:
             "move": state.move,
             "move_fast": state.move_fast,
             "level": state.level,
+            "still_share": state.still_share,
         }
     )
 
@@ -104,6 +107,7 @@ def decode(value: bytes) -> SourceState:
             move=tuple(float(x) for x in doc.get("move", ())),
             move_fast=tuple(float(x) for x in doc.get("move_fast", ())),
             level=tuple(float(x) for x in doc.get("level", ())),
+            still_share=tuple(float(x) for x in doc.get("still_share", ())),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, Unreadable):
@@ -112,7 +116,8 @@ def decode(value: bytes) -> SourceState:
     n = len(state.features)
     if len(state.mean) != n or len(state.var) != n or state.count < 0:
         raise Unreadable("mean, var and features differ in length")
-    if any(len(x) not in (0, n) for x in (state.last, state.move, state.move_fast, state.level)):
+    recent = (state.last, state.move, state.move_fast, state.level, state.still_share)
+    if any(len(x) not in (0, n) for x in recent):
         raise Unreadable("movement and features differ in length")
     return state
 
@@ -218,6 +223,7 @@ class StateTracker:
                 move=tuple(stats.move[i].tolist()),
                 move_fast=tuple(stats.move_fast[i].tolist()),
                 level=tuple(stats.level[i].tolist()),
+                still_share=tuple(stats.still_share[i].tolist()),
             )
             messages.append(Message(self.topic, source.encode(), encode(state), [], partition))
         for source, partition in expired:
@@ -245,7 +251,8 @@ def as_rows(states: Sequence[SourceState]) -> SourceRows:
 
     count = np.fromiter((s.count for s in states), dtype=np.int64, count=n)
     return SourceRows(
-        count, *(column(c) for c in ("mean", "var", "last", "move", "move_fast", "level"))
+        count,
+        *(column(c) for c in ("mean", "var", "last", "move", "move_fast", "level", "still_share")),
     )
 
 

@@ -126,7 +126,7 @@ def test_stillness_is_the_log_ratio_of_usual_to_recent_movement(
 
 def test_stillness_reads_a_batch_in_order_like_one_event_at_a_time() -> None:
     rng = np.random.default_rng(4)
-    values = np.cumsum(rng.standard_normal((300, 2)), axis=0)
+    values = 100 + rng.standard_normal((300, 2))
     one_by_one, in_batches = learned(values[:200]), learned(values[:200], batch=37)
     probe = values[200:]
     expected = []
@@ -156,3 +156,16 @@ def test_a_stuck_source_is_still_and_a_moving_one_is_not() -> None:
     constant = SourceNormalizer(1, warmup_events=5)
     constant.update(constant.rows(["c"] * 50), np.full((50, 1), 7.0), np.ones(50, dtype=bool))
     assert constant.temporal(constant.rows(["c"] * 5), np.full((5, 1), 7.0))[0] == pytest.approx(0)
+
+
+def test_a_source_that_often_stands_still_is_never_judged_still() -> None:
+    """An idle disk: writes at 0 most of the time, now and then a burst. Its flat
+    stretches are its normal; the mean step, made of the bursts, would call them still."""
+    rng = np.random.default_rng(6)
+    writes = np.where(rng.random(2_000) < 0.1, rng.exponential(1e6, 2_000), 0.0)
+    table = learned(writes[:, None], batch=50)
+    flat = np.zeros((30, 1))
+    assert np.abs(table.temporal(table.rows(["a"] * 30), flat)[0]).max() == 0.0
+    # The same flat stretch from a source that always moves is still.
+    moving = learned(1e6 + 1e4 * rng.standard_normal((2_000, 1)), batch=50)
+    assert moving.temporal(moving.rows(["a"] * 30), np.full((30, 1), 1e6))[0][-1] > 2.0

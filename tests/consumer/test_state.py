@@ -112,9 +112,7 @@ def test_import_beyond_the_table_evicts_instead_of_failing() -> None:
     table = SourceNormalizer(1, max_sources=3)
     names = [f"s{i}" for i in range(5)]
     zeros = np.zeros((5, 1))
-    table.import_rows(
-        names, SourceRows(np.arange(5), zeros, np.ones((5, 1)), zeros, zeros, zeros, zeros)
-    )
+    table.import_rows(names, SourceRows(np.arange(5), zeros, np.ones((5, 1)), *[zeros] * 5))
     assert len(table) <= 3
     assert "s4" in table.sources()
 
