@@ -44,11 +44,13 @@ from consumer.kafka_io import (
     transactional_id,
 )
 from consumer.metrics import DetectorMetrics
+from consumer.model_topic import Found, ModelPublisher, latest
 from consumer.observer import Observer
 from consumer.pipeline import Processor, Stopping, fit_params
 from consumer.refit import Refitter
 from consumer.scoring import ScoreLimits, Scorer, load_token
 from consumer.security import RedactSecrets, SecurityError, diagnose, explain, server_ssl_context
+from consumer.snapshot import SnapshotError, decode
 from consumer.topic_reader import read_partitions, read_topic
 
 logger = logging.getLogger(__name__)
@@ -152,7 +154,7 @@ class Service:
                 self.config.incidents_topic,
                 self.config.state_topic,
             ]
-            await check_topics(consumer, self.config.topics)
+            existing = await check_topics(consumer, self.config.topics)
             check_state_partitions(
                 await partition_counts(
                     self.config, [self.config.input_topic, self.config.state_topic]
@@ -164,6 +166,7 @@ class Service:
                 producer = producer_for(self.config, max_request_size=limit)
                 self._stack.push_async_callback(producer.stop)
                 await producer.start()
+            model_topic = await self._open_model_topic(existing)
         except SecurityError as exc:
             raise StartupError(str(exc)) from None
         except (KafkaError, OSError) as exc:
@@ -184,6 +187,18 @@ class Service:
                 ) from None
             raise
         observer = Observer(self.metrics, self.health)
+        models = snapshot = None
+        if model_topic is not None:
+            model_producer, model_limit, record = model_topic
+            models = ModelPublisher(
+                model_producer,
+                self.config.model_topic,
+                self.config.group_id.encode(),
+                model_limit,
+                observer,
+            )
+            if record is not None:
+                snapshot = await decode_snapshot(record, observer)
         stopping = Stopping()
         refitter = Refitter(fit_params(self.config), observer)
         await self._stack.enter_async_context(refitter)
@@ -208,8 +223,38 @@ class Service:
             alerts=self.alerts,
             read_incidents=partial(read_incidents, self.config),
             read_state=partial(read_state, self.config),
+            models=models,
+            snapshot=snapshot,
         )
         consumer.subscribe([self.config.input_topic], listener=self.processor.listener)
+
+    async def _open_model_topic(
+        self, existing: set[str]
+    ) -> tuple[AIOKafkaProducer, int, Any | None] | None:
+        """A producer for the model topic, its record size limit, and the group's latest
+        snapshot record on it; None (and one line) when the topic is not in ``existing``."""
+        topic = self.config.model_topic
+        if topic not in existing:
+            logger.warning(
+                "--model-topic %s does not exist: fitted models are not kept, and every "
+                "start waits for a first fit (create it: python -m consumer.topics "
+                "--model-topic %s)",
+                topic,
+                topic,
+            )
+            return None
+        limit = await message_limit_bytes(self.config, [topic])
+        with _quiet("aiokafka"):
+            # Plain, also in exactly-once mode: see consumer.model_topic.
+            producer = producer_for(
+                self.config,
+                max_request_size=limit,
+                transactional_id=None,
+                client_id="anomaly-detector-models",
+            )
+            self._stack.push_async_callback(producer.stop)
+            await producer.start()
+        return producer, limit, await read_model(self.config, limit)
 
     async def run(self) -> None:
         """Run the stream loop and its helpers (heartbeat, broker probe, Alertmanager
@@ -405,6 +450,46 @@ async def read_state(
         client_id="anomaly-detector-state",
         **config.security.client_kwargs(),
     )
+
+
+async def read_model(config: Config, limit_bytes: int) -> Any | None:
+    """The group's latest record on the model topic (None: none, or a tombstone)."""
+    key = config.group_id.encode()
+    newest: dict[int, Any] = {}
+
+    def keep(tp: TopicPartition, batch: Sequence[Any]) -> None:
+        # Only the group's newest record of each partition is kept: snapshots are
+        # megabytes, and a newer tombstone hides an older snapshot.
+        for record in batch:
+            if record.key == key:
+                newest[tp.partition] = record
+
+    await read_topic(
+        config.bootstrap_servers,
+        config.model_topic,
+        keep,
+        client_id="anomaly-detector-models",
+        # A snapshot may be larger than a fetch's default 1 MiB per partition.
+        max_partition_fetch_bytes=limit_bytes + (1 << 20),
+        **config.security.client_kwargs(),
+    )
+    return latest(newest.values(), key)
+
+
+async def decode_snapshot(record: Any, observer: Observer) -> Found | None:
+    """The snapshot in a model topic record, or None (and one line) if it is refused."""
+    where = f"{record.topic}[{record.partition}]@{record.offset}"
+    try:
+        snapshot = await asyncio.to_thread(decode, record.value)
+    except SnapshotError as exc:
+        observer.snapshot_refused()
+        logger.warning(
+            "model snapshot %s refused: %s; starting cold (batches held until the first fit)",
+            where,
+            exc,
+        )
+        return None
+    return Found(snapshot, len(record.value), where)
 
 
 def _delivery(

@@ -195,6 +195,13 @@ OPTIONS: tuple[Option, ...] = (
         "partitions as --input-topic), restored on every assignment",
     ),
     Option(
+        "--model-topic",
+        text,
+        "anomaly-detector.models",
+        "compacted topic (1 partition) each fitted model is published to, key = --group-id; "
+        "at start the latest one is installed, so no batch waits for a first fit",
+    ),
+    Option(
         "--state-ttl-seconds",
         number(minimum=0.0, exclusive_min=True),
         86_400.0,
@@ -370,6 +377,7 @@ class Config:
     max_future_seconds: float
     incidents_topic: str
     state_topic: str
+    model_topic: str
     state_ttl_seconds: float
     incident_open_anomalies: int
     incident_open_gap_events: int
@@ -415,10 +423,10 @@ class Config:
             )
         if self.score_token is not None and self.score_token_file is not None:
             raise OptionError("give --score-token or --score-token-file, not both")
-        if len(set(self.topics)) != len(self.topics):
+        if len({*self.topics, self.model_topic}) != len(self.topics) + 1:
             raise OptionError(
-                "--input-topic, --output-topic, --dlq-topic, --incidents-topic and "
-                "--state-topic must all differ"
+                "--input-topic, --output-topic, --dlq-topic, --incidents-topic, "
+                "--state-topic and --model-topic must all differ"
             )
         if self.alertmanager_url is not None and not self.alertmanager_url.startswith(
             ("http://", "https://")

@@ -339,15 +339,17 @@ async def partition_counts(config: Config, topics: Sequence[str]) -> dict[str, i
     return {t["topic"]: len(t["partitions"]) for t in described}
 
 
-async def check_topics(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> None:
-    """Refuse to start on a missing topic: a typo should not wait silently for data."""
-    existing = await consumer.topics()
+async def check_topics(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> set[str]:
+    """Refuse to start on a missing topic: a typo should not wait silently for data.
+    Returns every topic the broker has."""
+    existing: set[str] = await consumer.topics()
     missing = [t for t in topics if t not in existing]
     if missing:
         raise StartupError(
             f"topic(s) {', '.join(missing)} do not exist on the broker; create them first "
             "(see the README's 'Topics' section)"
         )
+    return existing
 
 
 class Publisher:

@@ -21,6 +21,7 @@ from consumer.events import REASONS
 PREFIX = "anomaly_detector"
 
 FIT_RESULTS = ("ok", "error")
+SNAPSHOT_RESULTS = ("ok", "error", "too_large")
 TRANSACTION_RESULTS = ("committed", "aborted")
 ERROR_KINDS = ("publish", "commit")
 INCIDENT_STATUSES = ("open", "update", "resolved")
@@ -136,6 +137,27 @@ class DetectorMetrics:
         )
         self.threshold = Gauge(
             name("model_threshold"), "Score above which an event is an anomaly.", registry=r
+        )
+        self.model_restored_version = Gauge(
+            name("model_restored_version"),
+            "Version of the model snapshot taken from --model-topic at start (0: none).",
+            registry=r,
+        )
+        self.model_snapshots = Counter(
+            name("model_snapshots"),
+            "Model snapshots sent to --model-topic, by result (ok, error, too_large).",
+            ["result"],
+            registry=r,
+        )
+        self.model_snapshots_refused = Counter(
+            name("model_snapshots_refused"),
+            "Model snapshots read from --model-topic and refused (see the log for why).",
+            registry=r,
+        )
+        self.model_snapshot_bytes = Gauge(
+            name("model_snapshot_bytes"),
+            "Size of the last model snapshot published or restored.",
+            registry=r,
         )
         self.history_size = Gauge(
             name("history_events"), "Normal events held for the next fit.", registry=r
@@ -262,6 +284,8 @@ class DetectorMetrics:
             self.alerts.labels(result)
         for result in FIT_RESULTS:
             self.fits.labels(result)
+        for result in SNAPSHOT_RESULTS:
+            self.model_snapshots.labels(result)
         for result in TRANSACTION_RESULTS:
             self.transactions.labels(result)
         for kind in ERROR_KINDS:

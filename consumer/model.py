@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -292,8 +292,8 @@ def fit_model(
         training_size=len(features),
         threshold=0.5,
         fit_seconds=0.0,
-        trees=pack_forest(forest),
         tail=ScoreTail.fit(np.empty(0)),
+        **forest_derived(forest),
     )
     # In the fitting process: the same scores as the compiled walk, through sklearn's
     # trees, without numba there (and the same cost wherever a fit runs).
@@ -341,6 +341,16 @@ def fit_model(
         tests=tests,
         fit_seconds=time.perf_counter() - started,
     )
+
+
+def forest_derived(forest: IsolationForest) -> dict[str, Any]:
+    """Every ``FittedModel`` field computed from the forest alone, by field name.
+
+    ``fit_model`` and a decoded snapshot (``consumer.snapshot``) both take them from
+    here, so a snapshot never carries them: a field added here is recomputed from the
+    decoded trees, and cannot disagree with them.
+    """
+    return {"trees": pack_forest(forest)}
 
 
 class History:
@@ -429,6 +439,12 @@ class RefitSchedule:
         """Make the next fit due at once (it still waits for ``min_train`` rows)."""
         self._last_fit_at = float("-inf")
         self._added_at_last_fit = -1
+
+    def restored(self, fitted_at: float, history: History) -> None:
+        """A model fitted at ``fitted_at`` (a snapshot, fitted elsewhere) is in use: the
+        next fit comes as it would after that fit, on rows added from now on."""
+        self._last_fit_at = fitted_at
+        self._added_at_last_fit = history.added_total
 
     def started(self, now: float, history: History) -> None:
         self._last_fit_at = now

@@ -144,15 +144,9 @@ class Observer:
             self.health.fit_error = f"{failures_in_a_row} model fits failed in a row"
 
     def model_installed(self, model: FittedModel) -> None:
-        m = self.metrics
-        m.fits.labels("ok").inc()
-        m.fit_duration.observe(model.fit_seconds)
-        m.model_version.set(model.version)
-        m.model_last_fit.set(model.fitted_at)
-        m.training_size.set(model.training_size)
-        m.threshold.set(model.threshold)
-        self.health.model_version = model.version
-        self.health.fit_error = None
+        self.metrics.fits.labels("ok").inc()
+        self.metrics.fit_duration.observe(model.fit_seconds)
+        self._model_in_use(model)
         logger.info(
             "model version %d fitted on %d events in %.2fs (threshold %.4f)",
             model.version,
@@ -160,3 +154,26 @@ class Observer:
             model.fit_seconds,
             model.threshold,
         )
+
+    def model_restored(self, model: FittedModel, size_bytes: int) -> None:
+        """A snapshot from the model topic is in use: /readyz counts it as a model."""
+        self.metrics.model_restored_version.set(model.version)
+        self.metrics.model_snapshot_bytes.set(size_bytes)
+        self._model_in_use(model)
+
+    def snapshot_refused(self) -> None:
+        self.metrics.model_snapshots_refused.inc()
+
+    def snapshot_published(self, result: str, size_bytes: int) -> None:
+        self.metrics.model_snapshots.labels(result).inc()
+        if result == "ok":
+            self.metrics.model_snapshot_bytes.set(size_bytes)
+
+    def _model_in_use(self, model: FittedModel) -> None:
+        m = self.metrics
+        m.model_version.set(model.version)
+        m.model_last_fit.set(model.fitted_at)
+        m.training_size.set(model.training_size)
+        m.threshold.set(model.threshold)
+        self.health.model_version = model.version
+        self.health.fit_error = None

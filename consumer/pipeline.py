@@ -9,6 +9,8 @@ Where each job lives, and which thread runs it:
 - ``consumer.coldstart``: batches held until the first model (their features are
   prepared and learned from in the scoring thread);
 - ``consumer.refit``: fits in the fitting process, installs models on the loop;
+- ``consumer.model_topic``: publishes each fitted model (a task of its own); the
+  snapshot found at start is installed here when the detector is made;
 - ``consumer.observer``: metrics and health;
 - ``consumer.state``: the per-source statistics' changelog; each batch's records carry
   its touched sources' statistics;
@@ -48,10 +50,12 @@ from consumer.events import EventParser, Events, Invalid, Limits
 from consumer.incidents import IncidentSettings, IncidentTracker
 from consumer.kafka_io import Message
 from consumer.messages import Record
-from consumer.model import FitParams
+from consumer.model import FitParams, FittedModel
+from consumer.model_topic import Found, ModelPublisher
 from consumer.observer import Observer
 from consumer.recovery import Partitions, Recovery, StateReader
 from consumer.refit import Refitter
+from consumer.snapshot import FeatureLayout, SnapshotError, check_layout, check_rule
 from consumer.state import Changelog
 from consumer.windows import Batch, WindowBuffer
 
@@ -71,6 +75,8 @@ _PARSE_SLICE_RECORDS = 500
 _BATCHES_IN_FLIGHT = 2
 # After a stop request, publishing to an unreachable broker is given up after this long.
 STOP_GRACE_SECONDS = 30.0
+# After a stop request, a model snapshot being sent gets this long to finish.
+_MODEL_PUBLISH_GRACE_SECONDS = 10.0
 
 
 def settings_from(config: Config) -> DetectorSettings:
@@ -169,6 +175,8 @@ class Processor:
         alerts: AlertSender | None = None,
         read_incidents: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
         read_state: StateReader | None = None,
+        models: ModelPublisher | None = None,
+        snapshot: Found | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -212,6 +220,12 @@ class Processor:
             changelog=self.changelog,
         )
         self.cold = ColdStart(config.max_held_events, observer)
+        # The model topic: where each fitted model goes, and the snapshot found at start,
+        # installed when the detector is made (``use_detector``).
+        self.models = models
+        self.snapshot = snapshot
+        if models is not None:
+            refitter.on_installed = self._publish_model
         self.in_flight = InFlight(depth=_BATCHES_IN_FLIGHT)
         self.lock = asyncio.Lock()
         self.listener = _Listener(self)
@@ -252,6 +266,8 @@ class Processor:
                         raise self._listener_failed
                     if self.recovery is not None:
                         self.recovery.check()
+                    if self.models is not None:
+                        self.models.check()
                     self.in_flight.check()
                     await self._step(fetched)
             self.in_flight.check()
@@ -262,6 +278,8 @@ class Processor:
                 await self.recovery.cancel()
             await self.refitter.cancel()
             await self.in_flight.cancel()
+            if self.models is not None:
+                await self.models.cancel()
 
     async def _fetch(self, stop_wait: asyncio.Task[bool]) -> dict[TopicPartition, list[Record]]:
         timeout_ms = max(1, math.ceil(self.windows.seconds_left(self.clock()) * 1000))
@@ -306,6 +324,8 @@ class Processor:
             if self.cold and self._has_model():
                 await self._drain_held()
             self.cold.warn_uncommitted()
+        if self.models is not None:
+            await self.models.settle(_MODEL_PUBLISH_GRACE_SECONDS)
 
     # -- rebalances -------------------------------------------------------------------
 
@@ -404,7 +424,54 @@ class Processor:
             self.changelog.features = tuple(self.parser.features)
             with self.state_lock:
                 self.changelog.load_pending(detector.normalizer)
+        if self.snapshot is not None:
+            self._install_snapshot(detector, self.snapshot)
+            self.snapshot = None
         self.detector = detector
+
+    def feature_layout(self, detector: Detector) -> FeatureLayout:
+        """What the columns of ``detector``'s models are."""
+        assert self.parser.features is not None
+        return FeatureLayout(
+            tuple(self.parser.features), self.settings.normalize, detector.history.width
+        )
+
+    def _install_snapshot(self, detector: Detector, found: Found) -> None:
+        """Judge with the snapshot found at start, if it fits this detector: its layout
+        and its threshold rule; otherwise one line says why, and the start is cold."""
+        model = found.snapshot.model
+        params = self.settings.fit
+        overridden = params.score_threshold is not None or params.contamination is not None
+        try:
+            check_layout(found.snapshot.layout, self.feature_layout(detector))
+            check_rule(
+                model, None if overridden else params.false_alarm_rate, params.score_threshold
+            )
+        except SnapshotError as exc:
+            self.observer.snapshot_refused()
+            logger.warning(
+                "model snapshot %s refused: %s; starting cold (batches held until the first fit)",
+                found.where,
+                exc,
+            )
+            return
+        detector.install(model)
+        # Later fits get later versions, and come as they would after that fit.
+        detector.versions_fitted = max(detector.versions_fitted, model.version)
+        detector.schedule.restored(model.fitted_at, detector.history)
+        self.observer.model_restored(model, found.size_bytes)
+        logger.info(
+            "model version %d taken from %s (fitted %s on %d events): judging at once",
+            model.version,
+            found.where,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model.fitted_at)),
+            model.training_size,
+        )
+
+    def _publish_model(self, model: FittedModel) -> None:
+        """On the loop, after the refitter installed ``model``: publish it."""
+        if self.models is not None and self.detector is not None:
+            self.models.publish(model, self.feature_layout(self.detector))
 
     async def _hold(self, work: Work) -> None:
         """Cold start: learn from the batch now (scoring thread), judge it later."""

@@ -94,6 +94,8 @@ class Refitter:
         self._pool: Executor | None = None
         self._task: asyncio.Task[None] | None = None
         self.failures_in_a_row = 0
+        # Called on the loop with each model this refitter installed (to publish it).
+        self.on_installed: Callable[[FittedModel], None] = lambda model: None
 
     async def start(self) -> None:
         if self._pool is None:
@@ -162,6 +164,7 @@ class Refitter:
         self.failures_in_a_row = 0
         detector.install(model)
         self.observer.model_installed(model)
+        self.on_installed(model)
 
     async def _run(self, job: Callable[[], FittedModel]) -> FittedModel:
         assert self._pool is not None, "start() first"

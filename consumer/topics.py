@@ -1,10 +1,13 @@
 """Creating the service's topics: used by the demo, the tests, and operators.
 
     python -m consumer.topics --bootstrap-servers localhost:9092 --partitions 8 \\
-        --compact anomaly-detector.state metrics anomalies metrics.dlq incidents
+        --compact anomaly-detector.state --model-topic anomaly-detector.models \\
+        metrics anomalies metrics.dlq incidents
 
 Topics named by ``--compact`` are created with ``cleanup.policy=compact`` (the state
-changelog: it must have as many partitions as the input topic).
+changelog: it must have as many partitions as the input topic). ``--model-topic``
+creates the model topic: compacted, one partition whatever ``--partitions`` says,
+and records up to ``MODEL_MESSAGE_MAX_BYTES``.
 
 It connects as the detector does: the same options (and ``ANOMALY_*`` variables) for
 the bootstrap servers, TLS and SASL.
@@ -35,8 +38,28 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "comma-separated topics (also created) with cleanup.policy=compact: the state changelog",
     ),
+    Option(
+        "--model-topic",
+        name_list,
+        None,
+        "comma-separated topics (also created) for model snapshots: compacted, 1 partition, "
+        "max.message.bytes=16 MiB",
+    ),
     *SECURITY_OPTIONS,
 )
+
+# A snapshot of the default forest (100 trees of 1024 rows) is 0.94 MB compressed
+# (consumer.snapshot), just under Kafka's default limit of 1 MiB: more columns or more
+# trees would exceed it. 16 MiB takes 100 trees of up to twice the default node count
+# even uncompressed. A segment must hold the largest record (a 2 MB record to a topic of
+# 1 MiB segments was refused, RecordListTooLargeError), so segments are 64 MiB: an
+# instance reads the topic from its start, and the active segment is never compacted.
+MODEL_MESSAGE_MAX_BYTES = 16 << 20
+MODEL_TOPIC_CONFIGS = {
+    "cleanup.policy": "compact",
+    "max.message.bytes": str(MODEL_MESSAGE_MAX_BYTES),
+    "segment.bytes": str(64 << 20),
+}
 
 
 async def ensure_topics(
@@ -47,9 +70,11 @@ async def ensure_topics(
     replication_factor: int = 1,
     security: KafkaSecurity | None = None,
     compact: Sequence[str] = (),
+    models: Sequence[str] = (),
 ) -> list[str]:
     """Create the topics that do not exist yet (those also in ``compact`` with
-    ``cleanup.policy=compact``); return the names created."""
+    ``cleanup.policy=compact``, those in ``models`` as model topics); return the names
+    created."""
     security = security or KafkaSecurity()
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap_servers, client_id="topics", **security.client_kwargs()
@@ -57,21 +82,18 @@ async def ensure_topics(
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [n for n in dict.fromkeys([*names, *compact]) if n not in existing]
+        wanted = [n for n in dict.fromkeys([*names, *compact, *models]) if n not in existing]
+
+        def new(name: str) -> NewTopic:
+            if name in models:
+                return NewTopic(name, 1, replication_factor, topic_configs=MODEL_TOPIC_CONFIGS)
+            configs = {"cleanup.policy": "compact"} if name in compact else {}
+            return NewTopic(name, partitions, replication_factor, topic_configs=configs)
+
         if wanted:
             # Created concurrently by someone else is what we wanted, too.
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            n,
-                            partitions,
-                            replication_factor,
-                            topic_configs={"cleanup.policy": "compact"} if n in compact else {},
-                        )
-                        for n in wanted
-                    ]
-                )
+                await admin.create_topics([new(n) for n in wanted])
         return wanted
     finally:
         await admin.close()
@@ -90,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__ or "",
         arguments=_names,
     )
-    if not values["names"] and not values["compact"]:
+    if not values["names"] and not values["compact"] and not values["model_topic"]:
         fail(PROG, "name at least one topic to create")
     try:
         security = KafkaSecurity.from_options(values)
@@ -107,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 replication_factor=values["replication_factor"],
                 security=security,
                 compact=values["compact"] or (),
+                models=values["model_topic"] or (),
             )
         )
     except KafkaError as exc:
@@ -120,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"topics: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    for name in dict.fromkeys([*values["names"], *(values["compact"] or ())]):
+    every = [*values["names"], *(values["compact"] or ()), *(values["model_topic"] or ())]
+    for name in dict.fromkeys(every):
         print(f"{name}: {'created' if name in created else 'exists'}")
     return 0
 

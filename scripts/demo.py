@@ -34,6 +34,8 @@ TOPICS = ("metrics", "anomalies", "metrics.dlq", "incidents")
 # The detector's state changelog (its default --state-topic): compacted, as many
 # partitions as metrics.
 STATE_TOPIC = "anomaly-detector.state"
+# Its model topic (the default --model-topic): a restarted detector judges at once.
+MODEL_TOPIC = "anomaly-detector.models"
 
 
 def say(message: str) -> None:
@@ -148,7 +150,11 @@ def main() -> None:
     say(f"Kafka at {bootstrap}")
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        asyncio.run(ensure_topics(bootstrap, TOPICS, partitions=4, compact=[STATE_TOPIC]))
+        asyncio.run(
+            ensure_topics(
+                bootstrap, TOPICS, partitions=4, compact=[STATE_TOPIC], models=[MODEL_TOPIC]
+            )
+        )
         children.append(
             (
                 "detector",

@@ -8,7 +8,8 @@ four-minute run already reads 30. So the measurement is a replay over long strea
 By default, long simulated streams (``--events`` per anomaly rate and seed) are judged
 with the detector's own pure parts and the service's defaults, window by window, with
 its cold start (``threshold_study.replay``; what the detector learns does not depend
-on what it reports, so each stream is judged once and cached under ``--cache``). Then
+on what it reports, so each stream is judged once and cached under ``--cache``: delete
+it after changing the detector). Then
 each opening rule of the grid runs the incident tracker (``consumer.incidents``) over
 the judged stream as the service feeds it (a 5-second window at a time, the events
 ``followed`` picks, as ``consumer.batch`` does), and is scored with the evaluator's
@@ -212,7 +213,9 @@ def judge_stream(events: int, seed: int, anomaly_rate: float) -> Judged:
     rates = np.zeros(len(r.ts))
     starts = [w for w, _ in r.fits] + [int(r.window.max()) + 1]
     for version, ((start, training), end) in enumerate(zip(r.fits, starts[1:], strict=True)):
-        model = fit_model(training, settings.fit, version=version + 1, fitted_at=0.0)
+        model = fit_model(
+            training, settings.fit, version=version + 1, fitted_at=0.0, layout=r.layout
+        )
         idx = np.flatnonzero((r.window >= start) & (r.window < end))
         scores[idx], anomalous, rates[idx] = model.judge(r.features[idx])
         # As ``Detector.score``: a source still warming up is never reported.

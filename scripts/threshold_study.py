@@ -47,9 +47,8 @@ class Replay:
     ts: FloatArray
     # (first window judged by this model, its training rows)
     fits: list[tuple[int, FloatArray]]
-
-
-LAYOUT = Layout()
+    # The tests the detector's models get (``Detector.layout``).
+    layout: Layout
 
 
 def replay(sim: SimConfig, events: int, settings: DetectorSettings) -> Replay:
@@ -57,8 +56,6 @@ def replay(sim: SimConfig, events: int, settings: DetectorSettings) -> Replay:
     block = simulator.next_block(events // sim.sources)
     sources = simulator.source_names
     detector = Detector(len(sim.metric_names), settings)
-    global LAYOUT
-    LAYOUT = detector.layout
     window_of = np.floor(block.ts / WINDOW_SECONDS)
     edges = np.flatnonzero(np.diff(window_of)) + 1
     features = np.zeros((len(block), detector.history.width))
@@ -91,7 +88,7 @@ def replay(sim: SimConfig, events: int, settings: DetectorSettings) -> Replay:
                 next_fit = now + settings.refit_seconds
     return Replay(
         features, warmed, window, block.source_index, block.kind_index,
-        block.episode_number, block.ts, fits,
+        block.episode_number, block.ts, fits, detector.layout,
     )  # fmt: skip
 
 
@@ -100,11 +97,12 @@ def replay(sim: SimConfig, events: int, settings: DetectorSettings) -> Replay:
 Rule = Callable[[FloatArray], tuple[FittedModel, float | None]]
 
 
-def pot(budget: float, *, tail_share: float = 0.005, tests: bool = True) -> Rule:
+def pot(layout: Layout, budget: float, *, tail_share: float = 0.005, tests: bool = True) -> Rule:
     """The model's own rule: the forest's score and the detector's tests (``tests``:
     largest |z|, stillness and relation; without: the largest |z| alone, as before the
     temporal columns)."""
-    layout = LAYOUT if tests else Layout(LAYOUT.columns[:1])
+    if not tests:
+        layout = Layout(layout.columns[:1])
 
     def rule(training: FloatArray) -> tuple[FittedModel, float | None]:
         params = FitParams(false_alarm_rate=budget, tail_share=tail_share)
@@ -182,18 +180,18 @@ def report(r: Replay, flagged: BoolArray) -> Report:
     return build_report(truth, detections, events=len(r.ts))
 
 
-def rules() -> list[tuple[str, Rule, float | None]]:
+def rules(layout: Layout) -> list[tuple[str, Rule, float | None]]:
     only = os.environ.get("STUDY_ONLY")
     candidates: list[tuple[str, Rule, float | None]] = [
         ("share of training scores (--contamination 0.002)", contamination(0.002), None),
         ("empirical quantile of training scores, 1/10k", quantile(1.0), 1.0),
         ("forest score, POT 0.5%, 1/10k", forest_only(1.0), 1.0),
         ("forest score, POT 0.5% on a held-out 30%, 1/10k", held_out(1.0), 1.0),
-        ("forest or largest z, POT 0.5%, 1/10k", pot(1.0, tests=False), 1.0),
-        ("four tests, POT 2%, 1/10k", pot(1.0, tail_share=0.02), 1.0),
-        ("four tests, POT 0.5%, 1/10k (default)", pot(1.0), 1.0),
-        ("four tests, POT 0.5%, 2/10k", pot(2.0), 2.0),
-        ("four tests, POT 0.5%, 5/10k", pot(5.0), 5.0),
+        ("forest or largest z, POT 0.5%, 1/10k", pot(layout, 1.0, tests=False), 1.0),
+        ("four tests, POT 2%, 1/10k", pot(layout, 1.0, tail_share=0.02), 1.0),
+        ("four tests, POT 0.5%, 1/10k (default)", pot(layout, 1.0), 1.0),
+        ("four tests, POT 0.5%, 2/10k", pot(layout, 2.0), 2.0),
+        ("four tests, POT 0.5%, 5/10k", pot(layout, 5.0), 5.0),
     ]
     return [c for c in candidates if not only or only in c[0]]
 
@@ -220,7 +218,7 @@ def main() -> None:
             settings = DetectorSettings(outlier_z=z)
             r = replay(sim, args.events, settings)
             normal = r.kind < 0
-            for name, rule, budget in rules():
+            for name, rule, budget in rules(r.layout):
                 flagged, _ = judge(r, rule)
                 rep = report(r, flagged)
                 o = rep.overall
