@@ -59,10 +59,14 @@ class Run:
     # Per input position: the event's index in the stream.
     index: dict[Position, int] = field(default_factory=dict)
     assigned_after_kill: float | None = None
+    # Static membership (``--static-membership``): the restarted instance, under the
+    # same --instance-id, takes its partitions back without waiting for the session.
+    static: bool = False
 
     def args(self) -> list[str]:
         t = self.topics
-        return [
+        static = ["--static-membership", "true"] if self.static else []
+        return [*static,
             "--bootstrap-servers", BOOTSTRAP[0], "--group-id", self.group,
             "--input-topic", t["in"], "--output-topic", t["out"], "--dlq-topic", t["dlq"],
             "--incidents-topic", t["incidents"], "--state-topic", t["state"],
@@ -212,7 +216,7 @@ async def main_async(args: argparse.Namespace) -> None:
             # The cold run's model topic does not exist: it neither publishes nor restores.
             models=[t["models"]] if name != "cold" else [],
         )
-        run = Run(name, t, f"restart-{token}-{name}")
+        run = Run(name, t, f"restart-{token}-{name}", static=args.static_membership)
         run.first = DetectorProcess(log_dir, f"{name}-1", *run.args())
         run.second = DetectorProcess(log_dir, f"{name}-2", *run.args())
         runs.append(run)
@@ -282,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # seconds the restarted instance is away, where the delays differ.
     parser.add_argument("--anomaly-rate", type=float, default=0.003)
     parser.add_argument("--log-dir", default=None)
+    parser.add_argument(
+        "--static-membership", action="store_true", help="run every detector as a static member"
+    )
     asyncio.run(main_async(parser.parse_args(argv)))
 
 

@@ -284,6 +284,14 @@ OPTIONS: tuple[Option, ...] = (
         "this instance's stable name; with exactly-once, the transactional id is "
         "<group-id>.<instance-id>, so a restart fences its own zombie",
     ),
+    Option(
+        "--static-membership",
+        boolean,
+        False,
+        "join the group as a static member named by --instance-id (Kafka's "
+        "group.instance.id): a restarted instance takes its partitions back without "
+        "waiting for its old session to expire; every instance needs its own --instance-id",
+    ),
     Option("--metrics-host", text, "0.0.0.0", "address the HTTP endpoint binds"),
     Option(
         "--metrics-port",
@@ -390,6 +398,7 @@ class Config:
     alertmanager_resend_seconds: float
     processing_guarantee: str
     instance_id: str
+    static_membership: bool
     metrics_host: str
     metrics_port: int
     metrics_certfile: str | None

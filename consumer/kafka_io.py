@@ -265,6 +265,10 @@ def consumer_for(config: Config, **overrides: Any) -> AIOKafkaConsumer:
         **config.security.client_kwargs(),
         **overrides,
     }
+    if config.static_membership:
+        # Static membership (KIP-345): a member that comes back under its name within
+        # the session gets its partitions back with no rebalance (bench/restart.py).
+        settings.setdefault("group_instance_id", config.instance_id)
     return AIOKafkaConsumer(**settings)
 
 

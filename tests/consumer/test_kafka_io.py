@@ -15,6 +15,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import IllegalOperation, KafkaConnectionError, MessageSizeTooLargeError
 
+from consumer.config import load_config
 from consumer.kafka_io import (
     STRIPPED_HEADER,
     TRUNCATED_HEADER,
@@ -25,6 +26,7 @@ from consumer.kafka_io import (
     Message,
     Publisher,
     RetryPolicy,
+    consumer_for,
 )
 
 BROKER_LIMIT_BYTES = 1_048_588  # the broker's default message.max.bytes
@@ -356,3 +358,15 @@ def test_only_dead_letter_copies_have_smaller_forms() -> None:
     small = dead_letter(10, header_bytes=2_000_000).smaller()
     assert small is not None
     assert small.value == b""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"), [([], None), (["--static-membership", "true"], "det-7")]
+)
+async def test_static_membership_names_the_member_only_when_asked(
+    args: list[str], expected: str | None
+) -> None:
+    config = load_config(["--instance-id", "det-7", *args], environ={})
+    consumer = consumer_for(config)
+    assert consumer._group_instance_id == expected
+    await consumer.stop()
