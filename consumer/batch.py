@@ -190,7 +190,9 @@ class Finisher:
         state: list[Message] = []
         with self.state_lock:
             if work.prepared is None:
-                prepared, verdict = detector.judge(detector.prepare(work.events), model)
+                prepared, verdict = detector.judge(
+                    detector.prepare(work.events, features=False), model
+                )
             else:
                 prepared, verdict = work.prepared, Detector.score(work.prepared, model)
             state = work.state if work.state is not None else self.state_messages(detector, work)

@@ -169,10 +169,26 @@ class Detector:
         # its newest values: close enough to judge a round's events against.
         self.events_per_round = max(1, round(settings.halflife_events / 8))
 
-    def prepare(self, events: Events | Sequence[Event], *, create_sources: bool = True) -> Prepared:
-        """Arrays and model features of a batch, against the statistics as they stand."""
+    def prepare(
+        self,
+        events: Events | Sequence[Event],
+        *,
+        create_sources: bool = True,
+        features: bool = True,
+    ) -> Prepared:
+        """Arrays and model features of a batch, against the statistics as they stand.
+
+        ``features=False`` leaves the features to ``judge`` or ``learn_unjudged``,
+        which compute them round by round anyway: for a backlog batch of hundreds of
+        events per source, features of the whole batch at once were thrown away, and
+        the temporal columns walk each source's events in order (on a 20,000-event
+        batch of 40 sources, 40 of the 170 ms of judging it).
+        """
         columns = Events.of(events, self.normalizer.n_features)
         rows = self.normalizer.rows(columns.sources, create=create_sources)
+        if not features:
+            pending = np.empty((len(rows), 0))
+            return Prepared(columns, rows, columns.values, pending, self.normalizer.warmed(rows))
         return self._prepared(columns, rows, columns.values)
 
     def _prepared(self, events: Events, rows: IntArray, values: FloatArray) -> Prepared:
@@ -264,9 +280,11 @@ class Detector:
         warm-up flag as they stood in its round."""
         parts = rounds(prepared.rows, self.events_per_round, self._warming(prepared))
         if len(parts) == 1:
+            if prepared.features.shape[1] == 0:  # prepared with features=False
+                prepared = self._prepared(prepared.events, prepared.rows, prepared.values)
             self.learn(prepared)
             return prepared
-        features = np.empty_like(prepared.features)
+        features = np.empty((len(prepared), self.history.width))
         warmed = np.empty_like(prepared.warmed)
         for idx in parts:
             part = self._prepared(

@@ -254,8 +254,10 @@ class SourceNormalizer:
         z_alpha = np.maximum(self._level_alpha, 1.0 / (seen + 1.0))[:, None]
         moving, leveled = self._move_fast[uniq], self._level[uniq]
         # One pass per rank: a rank holds at most one event of each source.
-        for r in range(int(rank.max()) + 1):
-            at = np.flatnonzero(rank == r)
+        by_rank = np.argsort(rank, kind="stable")
+        bounds = np.searchsorted(rank[by_rank], np.arange(int(rank.max()) + 2))
+        for r in range(len(bounds) - 1):
+            at = by_rank[bounds[r] : bounds[r + 1]]
             u = inverse[at]
             step = steps[at]
             moved = moving[u] + step_alpha[at] * (step - moving[u])

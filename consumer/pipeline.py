@@ -490,7 +490,7 @@ class Processor:
         after it (the batches held after it learn too before it is committed, and a
         restore must not count those)."""
         with self.state_lock:
-            prepared = detector.learn_unjudged(detector.prepare(work.events))
+            prepared = detector.learn_unjudged(detector.prepare(work.events, features=False))
             return prepared, self.finisher.state_messages(detector, work)
 
     async def _finish_and_free(self, work: Work) -> None:

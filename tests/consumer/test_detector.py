@@ -318,3 +318,23 @@ def test_a_metric_breaking_away_from_its_partner_is_reported() -> None:
     others = np.ones(sources, dtype=bool)
     others[5] = False
     assert found[:, others].sum() <= 3
+
+
+@pytest.mark.parametrize("per_source", [3, 60])  # one round; several rounds
+def test_features_left_to_the_judging_change_nothing(per_source: int) -> None:
+    batches, _ = fleet_with_outliers(0.02, per_source=60 + per_source, seed=9)
+    eager, lazy = (
+        Detector(2, DetectorSettings(fit=FLEET_FIT)),
+        Detector(2, DetectorSettings(fit=FLEET_FIT)),
+    )
+    for detector in (eager, lazy):
+        for batch in batches[:60]:
+            detector.learn(detector.prepare(batch))
+    training, version = eager.training_set(0.0)
+    model = fit_model(training, FLEET_FIT, version=version, fitted_at=0.0, layout=eager.layout)
+    backlog = [e for b in batches[60:] for e in b]
+    a_prepared, a = eager.judge(eager.prepare(backlog), model)
+    b_prepared, b = lazy.judge(lazy.prepare(backlog, features=False), model)
+    np.testing.assert_array_equal(a_prepared.features, b_prepared.features)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.anomalous, b.anomalous)
