@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 from consumer.model import FittedModel
 from consumer.observer import Observer
 from consumer.snapshot import FeatureLayout, Snapshot, encode
+from consumer.tasks import take_failure
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +127,9 @@ class ModelPublisher:
 
     def check(self) -> None:
         """Raise what publishing raised unexpectedly (Kafka errors are only logged)."""
-        task = self._task
-        if task is not None and task.done():
-            self._task = None
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        self._task, failure = take_failure(self._task)
+        if failure is not None:
+            raise failure
 
     async def settle(self, timeout_seconds: float) -> None:
         """Stopping: give the send under way (and the one waiting) a moment to finish."""

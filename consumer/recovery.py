@@ -26,6 +26,7 @@ from aiokafka import TopicPartition
 from consumer.normalize import SourceNormalizer
 from consumer.observer import Observer
 from consumer.state import Changelog, Restored, SourceState
+from consumer.tasks import take_failure
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +195,6 @@ class Recovery:
 
     def check(self) -> None:
         """Raise what the restore raised (a Kafka error reading the changelog, say)."""
-        task = self._task
-        if task is not None and task.done():
-            self._task = None
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        self._task, failure = take_failure(self._task)
+        if failure is not None:
+            raise failure
