@@ -3,12 +3,12 @@
 Like an online detector it has two halves, ``score`` and ``learn``: a batch is first
 scored against the per-source statistics and the model as they stand, then it teaches
 the statistics and the training history. What it learns never depends on what is
-reported: an event far out by its per-source z-scores (a model-free measure) is kept
-out of the history and moves its source's statistics only clipped, whatever the
-threshold. ``judge`` does both, and the service runs it in its scoring thread while
-the loop parses the next batch; the loop prepares that batch only once the judging is
-over. ``score`` alone reads state
-only, so the HTTP endpoint may call it from its own threads.
+reported: an event far out by its per-source z-scores or its source's stillness
+(model-free measures) is kept out of the history and moves its source's statistics
+only clipped, whatever the threshold. ``judge`` does both, and the service runs it in
+its scoring thread while the loop parses the next batch; the loop prepares that batch
+only once the judging is over. ``score`` alone reads state only, so the HTTP endpoint
+may call it from its own threads.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class DetectorSettings:
     # An event with a z-score beyond this in any metric of a warmed source never enters
     # the history, and moves its source's statistics only clipped (see ``learn``).
     outlier_z: float = 5.0
-    # Likewise a source whose recent movement fell under e^-3 (5%) of its usual: stuck
+    # Likewise a source whose recent movement fell under e^-1.5 (22%) of its usual: stuck
     # values would otherwise fill the history at high anomaly rates and teach the
     # stillness test's tail that standing still is normal.
     outlier_stillness: float = 1.5
@@ -245,6 +245,7 @@ class Detector:
         z = self.normalizer.zscores(prepared.rows, prepared.values)
         far = np.abs(z).max(axis=1) > self.settings.outlier_z
         if self.settings.normalize:
+            assert prepared.features.shape[1], "learn needs features: prepare(features=True)"
             still = self.layout.columns[1][0]
             far |= prepared.features[:, still] > self.settings.outlier_stillness
         out: BoolArray = prepared.warmed & far

@@ -204,7 +204,8 @@ class FittedModel:
 
     With the default rule (a budget of false alarms), an event is anomalous when any of
     the tests finds it rarer than its share of the budget: the forest's score, and each
-    of ``tests`` (the detector's largest |z| and stillness columns). Splitting the
+    of ``tests`` (the detector's largest |z| and stillness columns, and the relation
+    between its recent levels). Splitting the
     budget evenly keeps it for the union (Bonferroni). The |z| test is there because
     the forest's score saturates: anything beyond the training range scores like the
     history's most extreme rows, so on the simulator events 6 sd out (all of them

@@ -41,7 +41,7 @@ _ANOMALY_CLIP_STD = 3.0
 # z-scores beyond this carry no more information for the trees, only overflow risk.
 _Z_LIMIT = 1e3
 # Recent movement is an exponentially weighted mean of |step| over about the last few
-# events: after 10 events of a stuck value it has fallen to 16% of its level, after 20
+# events: after 10 events of a stuck value it has fallen to 18% of its level, after 20
 # to 3%, while an episode of the simulator's flatlines lasts 20-60 events.
 MOVEMENT_HALFLIFE_EVENTS = 4.0
 # The recent level is shorter: it must let go of an episode quickly, or the events after

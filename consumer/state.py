@@ -30,6 +30,7 @@ be read and learned again. Everything here is pure; the loop does the Kafka side
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ def decode(value: bytes) -> SourceState:
     try:
         doc = orjson.loads(value)
         if doc["v"] not in _READABLE_VERSIONS:
-            raise Unreadable(f"format version {doc['v']!r}, this detector reads {FORMAT_VERSION}")
+            readable = " and ".join(map(str, _READABLE_VERSIONS))
+            raise Unreadable(f"format version {doc['v']!r}, this detector reads {readable}")
         state = SourceState(
             offset=int(doc["offset"]),
             ts=float(doc["ts"]),
@@ -241,18 +243,34 @@ def last_offsets(partitions: Sequence[int], offsets: Sequence[int]) -> dict[int,
 
 
 def as_rows(states: Sequence[SourceState]) -> SourceRows:
-    """Restored states as the normalizer's rows (no movement where a record lacks it)."""
+    """Restored states as the normalizer's rows.
+
+    A format-1 record has no movement: its source restarts as if it had moved as
+    independent noise of its spread would (a mean step of 2 / sqrt(pi) standard
+    deviations), from its mean, at its usual level. Left at 0 beside a count of
+    hundreds, its first step would be its whole value and its long run would climb
+    from 0 at the slow rate: stillness near -6, then -1 for a hundred events."""
     n = len(states)
     width = len(states[0].mean) if states else 0
 
-    def column(name: str) -> FloatArray:
-        values = [getattr(s, name) or (0.0,) * width for s in states]
+    def column(name: str, default: Callable[[SourceState], Sequence[float]]) -> FloatArray:
+        values = [getattr(s, name) or default(s) for s in states]
         return np.array(values, dtype=np.float64).reshape(n, width)
 
+    def usual_step(s: SourceState) -> list[float]:
+        return [2.0 / math.sqrt(math.pi) * math.sqrt(v) for v in s.var]
+
+    zeros: Callable[[SourceState], Sequence[float]] = lambda s: (0.0,) * width  # noqa: E731
     count = np.fromiter((s.count for s in states), dtype=np.int64, count=n)
     return SourceRows(
         count,
-        *(column(c) for c in ("mean", "var", "last", "move", "move_fast", "level", "still_share")),
+        column("mean", zeros),
+        column("var", zeros),
+        column("last", lambda s: s.mean),
+        column("move", usual_step),
+        column("move_fast", usual_step),
+        column("level", zeros),
+        column("still_share", zeros),
     )
 
 

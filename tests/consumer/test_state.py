@@ -16,6 +16,7 @@ from consumer.state import (
     SourceState,
     StateTracker,
     Unreadable,
+    as_rows,
     decode,
     encode,
 )
@@ -198,3 +199,17 @@ def test_a_changelog_with_another_partition_count_is_refused_in_one_line() -> No
     with pytest.raises(StartupError, match=r"--state-topic m.state has 3 partition\(s\) but "
                        r"--input-topic m has 8"):  # fmt: skip
         check_state_partitions({"m": 8, "m.state": 3}, config)
+
+
+def test_a_format_1_record_restores_a_source_moving_as_usual() -> None:
+    """Format 1 carried no movement; the source must not look wildly restless (or still)
+    for hundreds of events after the upgrade."""
+    old = orjson.dumps(
+        {"v": 1, "offset": 5, "ts": 1.0, "features": ["x"], "count": 812,
+         "mean": [100.0], "var": [1.0]}
+    )  # fmt: skip
+    table = SourceNormalizer(1, warmup_events=5)
+    table.import_rows(["a"], as_rows([decode(old)]))
+    noise = 100 + np.random.default_rng(2).standard_normal((40, 1))
+    still, _ = table.temporal(table.rows(["a"] * 40), noise)
+    assert np.abs(still).max() < 1.0
