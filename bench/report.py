@@ -222,6 +222,20 @@ def render(results: Results) -> str:
                 f"({'-' if growth is None else f'{100 * growth:+.1f}%'}); fitting process peak "
                 f"{_mib(mem['fit_process_rss_peak_bytes'])}"
             )
+    state = results.get("state")
+    if state:
+        lines.append("")
+        if "error" in state:
+            lines.append(f"state restore: {state['error']}")
+        else:
+            lines.append(
+                f"state restore, {state['sources']:,} sources over {state['partitions']} "
+                f"partitions ({state['features']} features): {state['restore_seconds']:.1f} s "
+                f"({state['read_seconds']:.1f} s reading, {state['load_seconds']:.1f} s loading), "
+                f"{state['key_and_value_bytes_per_source']:,} bytes per source on the topic, "
+                f"{state['memory_bytes_per_source']:,} bytes of memory per source "
+                f"({state['restore_peak_bytes_per_source']:,} at the peak)"
+            )
     lines.append("")
     header = f"{'target':<44} {'goal':<30} {'value':<34} result"
     lines += [header, "-" * len(header)]

@@ -61,6 +61,7 @@ def test_quick_bench_measures_every_section(kafka: Broker, tmp_path: Path) -> No
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = orjson.loads(out.read_bytes())
+    assert "state restore, " in done.stdout  # the report prints every section
     for name in SECTIONS:
         assert name in results, name
         assert "error" not in results[name], results[name]
