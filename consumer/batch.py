@@ -194,7 +194,8 @@ class Finisher:
                     detector.prepare(work.events, features=False), model
                 )
             else:
-                prepared, verdict = work.prepared, Detector.score(work.prepared, model)
+                prepared = work.prepared
+                verdict = detector.score(prepared, model, learn=True)
             state = work.state if work.state is not None else self.state_messages(detector, work)
         messages = anomaly_messages(
             self.topics.output,

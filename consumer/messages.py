@@ -62,6 +62,9 @@ def anomaly_messages(
             # Calibrated: the false alarms per 10,000 normal events of thresholds that
             # would just flag this event; comparable across model versions.
             "false_alarm_rate": float(f"{verdict.false_alarm_rates[i]:.3g}"),
+            # The same, read against this source's own alarms (``consumer.calibration``):
+            # comparable across sources, so a noisy source does not outrank a quiet one.
+            "source_false_alarm_rate": float(f"{verdict.source_rates[i]:.3g}"),
             "window": {"start": start, "end": end},
             "model": {
                 "version": model.version,

@@ -87,6 +87,8 @@ class SourceRows:
     move_fast: FloatArray
     level: FloatArray
     still_share: FloatArray
+    # The share of its events the fleet-wide rate would flag; NaN for none yet.
+    exceedance: FloatArray
 
 
 class SourceNormalizer:
@@ -127,6 +129,9 @@ class SourceNormalizer:
         self._move_fast = np.zeros((capacity, n_features))
         self._still_share = np.zeros((capacity, n_features))
         self._level = np.zeros((capacity, n_features))
+        # Per source: the share of its events the fleet-wide rate would flag
+        # (``consumer.calibration``); NaN until it has one.
+        self._exceedance = np.full(capacity, np.nan)
         self.recent_outlier_z = recent_outlier_z
         self._tick = 0
         self.evicted_total = 0
@@ -345,6 +350,15 @@ class SourceNormalizer:
         self._move_fast[uniq] = recent.move[last]
         self._level[uniq] = recent.level[last]
 
+    def exceedance(self, idx: IntArray) -> FloatArray:
+        """Each event's source's exceedance share (NaN for none yet, or an unknown source)."""
+        known = idx >= 0
+        out: FloatArray = np.where(known, self._exceedance[np.where(known, idx, 0)], np.nan)
+        return out
+
+    def set_exceedance(self, idx: IntArray, shares: FloatArray) -> None:
+        self._exceedance[idx] = shares
+
     def _std(self, mean: FloatArray, var: FloatArray) -> FloatArray:
         floor = (_RELATIVE_STD_FLOOR * mean) ** 2 + _ABSOLUTE_STD_FLOOR**2
         std: FloatArray = np.sqrt(var + floor)
@@ -374,6 +388,7 @@ class SourceNormalizer:
             self._move_fast[row] = 0.0
             self._still_share[row] = 0.0
             self._level[row] = 0.0
+            self._exceedance[row] = np.nan
             self._last_seen[row] = self._tick
 
     def _grow(self, wanted: int) -> None:
@@ -386,6 +401,7 @@ class SourceNormalizer:
         self._move_fast = np.vstack([self._move_fast, np.zeros((extra, self.n_features))])
         self._still_share = np.vstack([self._still_share, np.zeros((extra, self.n_features))])
         self._level = np.vstack([self._level, np.zeros((extra, self.n_features))])
+        self._exceedance = np.concatenate([self._exceedance, np.full(extra, np.nan)])
         self._count = np.concatenate([self._count, np.zeros(extra, dtype=np.int64)])
         self._last_seen = np.concatenate([self._last_seen, np.zeros(extra, dtype=np.int64)])
 
@@ -417,7 +433,7 @@ class SourceNormalizer:
         rows = SourceRows(
             self._count[idx].astype(np.intp), self._mean[idx], self._var[idx],
             self._last[idx], self._move[idx], self._move_fast[idx], self._level[idx],
-            self._still_share[idx],
+            self._still_share[idx], self._exceedance[idx],
         )  # fmt: skip
         return kept, rows
 
@@ -443,6 +459,7 @@ class SourceNormalizer:
             self._move_fast[idx] = rows.move_fast[part]
             self._level[idx] = rows.level[part]
             self._still_share[idx] = rows.still_share[part]
+            self._exceedance[idx] = rows.exceedance[part]
             self._last_seen[idx] = self._tick
 
     def forget(self, sources: list[str]) -> int:

@@ -254,7 +254,7 @@ class Scorer:
             events.append(result)
         assert live is not None
         prepared = prepare_read_only(live, detector, events)
-        verdict = Detector.score(prepared, model)
+        verdict = detector.score(prepared, model)
         anomalous = verdict.anomalous.tolist()
         if bare:
             return [-1 if a else 1 for a in anomalous]

@@ -8,12 +8,14 @@ as JSON::
     {"v": 1, "offset": 1234, "ts": 1700000000.0, "features": ["cpu", "mem"],
      "count": 812, "mean": [0.41, 0.63], "var": [0.0021, 0.0009],
      "last": [0.40, 0.63], "move": [0.012, 0.001], "move_fast": [0.010, 0.001],
-     "level": [0.3, -0.1], "still_share": [0.0, 0.2]}
+     "level": [0.3, -0.1], "still_share": [0.0, 0.2], "exceedance": 0.0003}
 
 ``last``, ``move``, ``move_fast``, ``level`` and ``still_share`` are the source's last
 values, its long-run and recent movement, its recent level and how often it stands
 still (``SourceNormalizer.temporal``);
-records of format 1 lack them, and restore with none learned yet.
+records of format 1 lack them, and restore with none learned yet. ``exceedance`` (the
+share of its events the fleet-wide rate would flag, ``consumer.calibration``) is
+optional in format 2: absent, or null, until the source has been judged.
 
 ``offset`` is the input offset the record reflects: the last offset of that input
 partition in the batch. The records go out in the batch's own ``deliver`` call, so they
@@ -67,6 +69,7 @@ class SourceState:
     move_fast: tuple[float, ...] = ()
     level: tuple[float, ...] = ()
     still_share: tuple[float, ...] = ()
+    exceedance: float | None = None
 
 
 def encode(state: SourceState) -> bytes:
@@ -84,6 +87,7 @@ def encode(state: SourceState) -> bytes:
             "move_fast": state.move_fast,
             "level": state.level,
             "still_share": state.still_share,
+            "exceedance": state.exceedance,
         }
     )
 
@@ -110,6 +114,7 @@ def decode(value: bytes) -> SourceState:
             move_fast=tuple(float(x) for x in doc.get("move_fast", ())),
             level=tuple(float(x) for x in doc.get("level", ())),
             still_share=tuple(float(x) for x in doc.get("still_share", ())),
+            exceedance=_share(doc.get("exceedance")),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, Unreadable):
@@ -122,6 +127,15 @@ def decode(value: bytes) -> SourceState:
     if any(len(x) not in (0, n) for x in recent):
         raise Unreadable("movement and features differ in length")
     return state
+
+
+def _share(value: object) -> float | None:
+    if value is None:
+        return None
+    share = float(value)  # type: ignore[arg-type]
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"exceedance {share!r} is not a share")
+    return share
 
 
 @dataclass
@@ -226,6 +240,7 @@ class StateTracker:
                 move_fast=tuple(stats.move_fast[i].tolist()),
                 level=tuple(stats.level[i].tolist()),
                 still_share=tuple(stats.still_share[i].tolist()),
+                exceedance=None if math.isnan(share := float(stats.exceedance[i])) else share,
             )
             messages.append(Message(self.topic, source.encode(), encode(state), [], partition))
         for source, partition in expired:
@@ -271,6 +286,7 @@ def as_rows(states: Sequence[SourceState]) -> SourceRows:
         column("move_fast", usual_step),
         column("level", zeros),
         column("still_share", zeros),
+        np.array([np.nan if s.exceedance is None else s.exceedance for s in states]),
     )
 
 

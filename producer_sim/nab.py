@@ -41,6 +41,7 @@ import numpy as np
 from consumer.config import Config, load_config
 from consumer.detector import Detector
 from consumer.events import Event
+from consumer.model import PER_EVENTS
 from consumer.normalize import FloatArray, IntArray
 from consumer.pipeline import settings_from
 from producer_sim.replay import replay
@@ -165,9 +166,19 @@ class Scores:
             published={s.key: np.zeros(len(s)) for s in corpus},
         )
 
-    def put(self, key: str, row: int, score: float, anomalous: bool) -> None:
+    def put(self, key: str, row: int, score: float, published: float) -> None:
         self.raw[key][row] = score
-        self.published[key][row] = score if anomalous else 0.0
+        self.published[key][row] = published
+
+
+def severity(source_rate: float) -> float:
+    """A published anomaly's NAB score: its ``source_false_alarm_rate`` (per 10,000) on a
+    log scale, 0 at one per event and 1 at one per 10^8 events or less (the floor of
+    ``consumer.calibration`` for the default budget). NAB picks its best single
+    threshold over the corpus, so what it needs is a score that ranks alike across
+    series: the forest's own saturates, and the fleet-wide rate lets a noisy series'
+    floods outrank a quiet one's real anomaly (``consumer.calibration``)."""
+    return float(np.clip(np.log10(PER_EVENTS / max(source_rate, 1e-300)) / 8.0, 0.0, 1.0))
 
 
 def offline(corpus: Sequence[Series], config: Config, rate_per_second: float) -> Scores:
@@ -186,7 +197,8 @@ def offline(corpus: Sequence[Series], config: Config, rate_per_second: float) ->
         verdict = judged.verdict
         for i in range(len(judged.prepared)):
             s, r = int(which[lo + i]), int(rows[lo + i])
-            scores.put(corpus[s].key, r, float(verdict.scores[i]), bool(verdict.anomalous[i]))
+            published = severity(verdict.source_rates[i]) if verdict.anomalous[i] else 0.0
+            scores.put(corpus[s].key, r, float(verdict.scores[i]), published)
     return scores
 
 
@@ -195,8 +207,8 @@ def join_anomalies(
     placed: Mapping[tuple[int, int], tuple[int, int]],
     anomalies: Iterable[Mapping[str, Any]],
 ) -> tuple[Scores, int]:
-    """The published variant from the anomalies topic: each anomaly's score at the row it
-    came from, found by its input (partition, offset) in ``placed`` (which maps those to
+    """The published variant from the anomalies topic: each anomaly's ``severity`` at the
+    row it came from, found by its input (partition, offset) in ``placed`` (which maps those to
     (series, row) as the events were produced), 0 elsewhere. Returns the scores (the raw
     variant gets the same: the service publishes no other scores) and how many
     anomalies named no produced row."""
@@ -207,12 +219,13 @@ def join_anomalies(
         where = None
         if isinstance(source, dict):
             where = placed.get((int(source.get("partition", -1)), int(source.get("offset", -1))))
-        score = doc.get("score")
-        if where is None or not isinstance(score, int | float):
+        rate = doc.get("source_false_alarm_rate")
+        if where is None or not isinstance(rate, int | float):
             unmatched += 1
             continue
         series, row = where
-        scores.put(corpus[series].key, row, float(score), True)
+        published = severity(float(rate))
+        scores.put(corpus[series].key, row, published, published)
     return scores, unmatched
 
 

@@ -82,5 +82,5 @@ def _drain(detector: Detector, held: list[tuple[int, Prepared]]) -> Iterator[Jud
     arrived (they learned then), then a refit at once, as ``Processor._drain_held`` does."""
     assert detector.model is not None
     for index, prepared in held:
-        yield Judged(index, prepared, Detector.score(prepared, detector.model))
+        yield Judged(index, prepared, detector.score(prepared, detector.model, learn=True))
     detector.cold_start_over()

@@ -34,7 +34,7 @@ def test_outliers_within_a_source_are_found_across_very_different_baselines() ->
     events = fleet_batch(rng, 40, 200.0)
     # s3 (baseline 1000) at 1300: ordinary for no source but s3 itself, and 6 sigma for it.
     events[3] = Event("s3", 200.0, (1300.0, 1000.0), {})
-    verdict = Detector.score(detector.prepare(events), detector.model)
+    verdict = detector.score(detector.prepare(events), detector.model)
     assert verdict.anomalous[3]
     assert verdict.anomalous.sum() <= 3
 
@@ -49,7 +49,7 @@ def test_young_sources_are_scored_but_never_reported() -> None:
     detector.install(fit_model(training, detector.settings.fit, version=version, fitted_at=0.0,
                                       layout=detector.layout))  # fmt: skip
     assert detector.model is not None
-    verdict = Detector.score(
+    verdict = detector.score(
         detector.prepare([Event("brand-new", 0.0, (1e9, 1e9), {})]), detector.model
     )
     assert len(verdict.scores) == 1
@@ -148,7 +148,7 @@ def test_a_backlog_of_one_source_is_judged_against_recent_statistics() -> None:
     backlog = drifting_backlog(rng, 1_000)
 
     # The control: the same backlog scored in one piece (scoring alone changes nothing).
-    control = Detector.score(detector.prepare(backlog), model)
+    control = detector.score(detector.prepare(backlog), model)
     judged, verdict = detector.judge(detector.prepare(backlog), model)
 
     # Against the statistics of the backlog's start, its later half looks anomalous;
@@ -198,7 +198,7 @@ def run_fleet(
     detector.install(fit_model(training, params, version=version, fitted_at=0.0,
                                layout=detector.layout))  # fmt: skip
     assert detector.model is not None
-    flagged = [Detector.score(p, detector.model).anomalous for p in held]
+    flagged = [detector.score(p, detector.model).anomalous for p in held]
     for batch in batches[150:]:
         _, verdict = detector.judge(detector.prepare(batch), detector.model)
         flagged.append(verdict.anomalous)
@@ -221,7 +221,7 @@ def test_anomalies_never_pull_the_threshold_into_their_own_scores() -> None:
     model = detector.model
     assert model is not None
     outliers = [Event("s3", 0.0, (1000.0 * (1 + 0.05 * 8), 1000.0), {})] * 20
-    verdict = Detector.score(detector.prepare(outliers, create_sources=False), model)
+    verdict = detector.score(detector.prepare(outliers, create_sources=False), model)
     assert verdict.anomalous.all()
     # Nothing 8 sd out ever entered the history the forest was fitted on.
     assert detector.history.snapshot()[:, -1].max() <= detector.settings.outlier_z
@@ -338,3 +338,37 @@ def test_features_left_to_the_judging_change_nothing(per_source: int) -> None:
     np.testing.assert_array_equal(a_prepared.features, b_prepared.features)
     np.testing.assert_array_equal(a.scores, b.scores)
     np.testing.assert_array_equal(a.anomalous, b.anomalous)
+
+
+def test_a_noisy_source_does_not_outrank_a_quiet_sources_anomaly() -> None:
+    """One heavy-tailed source (Student's t, 1.5 degrees of freedom) in a fleet of
+    normal ones: fleet-wide it floods, and some of its alarms look rarer than a quiet
+    source's 8-sd outlier. Read against its own alarms (``source_rates``), none does."""
+    batches, _ = fleet_with_outliers(0.0, seed=6, per_source=900)
+    rng = np.random.default_rng(7)
+    noisy, quiet, spike_at = 5, 12, 800
+    for batch in batches:
+        e = batch[noisy]
+        values = 10.0 ** (noisy % 4) * (1 + 0.05 * rng.standard_t(1.5, 2))
+        batch[noisy] = Event(e.source, e.ts, tuple(values), {})
+    e = batches[spike_at][quiet]
+    batches[spike_at][quiet] = Event(e.source, e.ts, (10.0 ** (quiet % 4) * 1.4, e.values[1]), {})
+    detector = Detector(2, DetectorSettings(min_train=2_000, warmup_events=20, fit=FLEET_FIT))
+    for batch in batches[:300]:
+        detector.learn(detector.prepare(batch))
+    training, version = detector.training_set(0.0)
+    model = fit_model(training, FLEET_FIT, version=version, fitted_at=0.0,
+                      layout=detector.layout)  # fmt: skip
+    verdicts = [detector.judge(detector.prepare(batch), model)[1] for batch in batches[300:]]
+    flagged = np.array([v.anomalous for v in verdicts])
+    fleet = np.array([v.false_alarm_rates for v in verdicts])
+    own = np.array([v.source_rates for v in verdicts])
+    at = spike_at - 300
+    assert flagged[at, quiet]
+    floods = flagged[:, noisy]
+    assert floods.sum() >= 10
+    assert flagged.sum() == floods.sum() + 1  # no other source flagged
+    assert (fleet[floods, noisy] < fleet[at, quiet]).any()
+    assert (own[floods, noisy] > own[at, quiet]).all()
+    # The quiet source's own rate is the fleet's: it had no alarms before.
+    assert own[at, quiet] == fleet[at, quiet]

@@ -156,7 +156,7 @@ def expected(live: FakeLive, docs: list[dict[str, Any]]) -> tuple[list[float], l
     events = [e for e in parsed if isinstance(e, Event)]
     assert len(events) == len(docs)
     prepared = live.detector.prepare(events, create_sources=False)
-    verdict = Detector.score(prepared, live.detector.model)
+    verdict = live.detector.score(prepared, live.detector.model)
     return verdict.scores.tolist(), verdict.anomalous.tolist()
 
 

@@ -23,6 +23,7 @@ from producer_sim.nab import (
     per_series,
     published_table,
     read_series,
+    severity,
     write_results,
 )
 from producer_sim.replay import replay
@@ -98,23 +99,34 @@ def test_anomalies_join_back_to_their_rows_by_input_partition_and_offset() -> No
             "source": b.key,
             "ts": float(b.ts[1]),
             "score": 0.9,
+            "source_false_alarm_rate": 1e-4,
             "input": {"partition": 1, "offset": 1},
         },
         {
             "source": a.key,
             "ts": float(a.ts[2]),
             "score": 0.8,
+            "source_false_alarm_rate": 1.0,
             "input": {"partition": 0, "offset": 2},
         },
         # Not produced by this run, and one with no input: counted, not placed.
-        {"source": a.key, "score": 0.7, "input": {"partition": 3, "offset": 0}},
-        {"source": a.key, "score": 0.7},
+        {"source": a.key, "source_false_alarm_rate": 0.5, "input": {"partition": 3, "offset": 0}},
+        {"source": a.key, "source_false_alarm_rate": 0.5},
     ]
     scores, unmatched = join_anomalies([a, b], placed, anomalies)
     assert unmatched == 2
-    assert scores.published[a.key].tolist() == [0.0, 0.0, 0.8]
+    # The severity: the source's rate per 10,000 on a log scale, 1 at 10^-8 per event.
+    assert scores.published[a.key].tolist() == [0.0, 0.0, 0.5]
     # Same timestamp as row 0: only the offset tells the second row.
-    assert scores.published[b.key].tolist() == [0.0, 0.9]
+    assert scores.published[b.key].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("rate", "expected"),
+    [(1e4, 0.0), (1.0, 0.5), (0.01, 0.75), (1e-4, 1.0), (0.0, 1.0), (3e4, 0.0)],
+)
+def test_severity_reads_the_source_rate_on_a_log_scale(rate: float, expected: float) -> None:
+    assert severity(rate) == pytest.approx(expected)
 
 
 def test_published_table_reads_the_corpus_readme_rows(tmp_path: Path) -> None:
@@ -165,7 +177,8 @@ def test_offline_scores_every_row_and_flags_the_spikes(tmp_path: Path) -> None:
         # Every row judged (cold-start rows too, once the first model exists).
         assert (raw > 0).all()
         assert (raw <= 1).all()
-        assert ((published == 0) | (published == raw)).all()
+        # A published anomaly's severity (``severity``), 0 for any other row.
+        assert ((published >= 0) & (published <= 1)).all()
         assert published[len(s) - 50] > 0, s.key
     write_results(tmp_path / "out", PUBLISHED_NAME, series, scores.published)
     files = sorted(p.name for p in (tmp_path / "out").rglob("*.csv"))
