@@ -19,6 +19,7 @@ compared bit for bit (``--compare A.npz B.npz``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 import zlib
@@ -88,6 +89,7 @@ def run(
     out: dict[str, list[Any]] = {k: [] for k in ("scores", "anomalous", "rates", "features",
                                                   "warmed")}  # fmt: skip
     clock: Callable[[], float] = time.thread_time
+    digest = hashlib.sha256()
     assert detector.model is not None
     for batch in batches:
         t0 = clock()
@@ -101,7 +103,7 @@ def run(
         t1 = clock()
         prepared, verdict = detector.judge(detector.prepare(events, features=False), detector.model)
         t2 = clock()
-        changelog.batch_messages(
+        messages = changelog.batch_messages(
             detector.normalizer, events.sources, [0] * len(events),
             list(range(len(events))), events.ts.tolist(),
         )  # fmt: skip
@@ -114,6 +116,10 @@ def run(
         out["rates"].append(verdict.false_alarm_rates)
         out["features"].append(prepared.features)
         out["warmed"].append(prepared.warmed)
+        for m in messages:
+            digest.update(m.key or b"")
+            digest.update(m.value or b"-")
+            digest.update(str(m.partition).encode())
     arrays = {k: np.concatenate(v) for k, v in out.items()}
     n = detector.normalizer
     size = len(n._names)
@@ -121,6 +127,7 @@ def run(
                  "_still_share"):  # fmt: skip
         arrays["state" + name] = getattr(n, name)[:size]
     arrays["history"] = detector.history.snapshot()
+    arrays["changelog_sha256"] = np.frombuffer(digest.digest(), dtype=np.uint8)
     return parse_s, judge_s, state_s, arrays
 
 
