@@ -45,6 +45,7 @@ from consumer.kafka_io import (
 )
 from consumer.metrics import DetectorMetrics
 from consumer.model_topic import Found, ModelPublisher, latest
+from consumer.normalize import compiled_walk
 from consumer.observer import Observer
 from consumer.pipeline import Processor, Stopping, fit_params
 from consumer.refit import Refitter
@@ -127,7 +128,9 @@ class Service:
     async def _open(self) -> None:
         # numba compiles the forest's walk on first use, about a second with the GIL
         # held: now, before anything runs beside it, not in the first batch's scoring.
+        # Likewise the per-source walk of the temporal columns.
         compiled_kernel()
+        compiled_walk()
         try:
             self.http.start()
         except OSError as exc:

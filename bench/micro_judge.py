@@ -1,0 +1,184 @@
+"""The detector's per-event CPU without Kafka: parsing and judging backlog batches.
+
+    python -m bench.micro_judge [--events N] [--repeat K] [--save PATH.npz]
+
+A fixed stream (the benchmark's fleet: 300 sources, 4 metrics, seed 1, fixed start
+time) is primed into a warm detector as ``bench.detector.warm_detector`` does, then
+cut into the windows a backlog drain makes: records spread over 8 partitions by
+source, fetched 1,000 at a time from one partition after the other, 20,000 a window.
+Each window is parsed as the loop parses it (``parse_many`` in slices of 500) and
+judged as the scoring thread judges it (``Detector.judge``), with the changelog's
+records of the touched sources.
+
+Prints thread CPU time per event of each part, best of ``--repeat`` runs (each on a
+warm detector primed anew). ``--save`` writes every window's verdict, features
+and the normalizer's final statistics, so that two versions of the code can be
+compared bit for bit (``--compare A.npz B.npz``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bench.stream import Fleet, Record, Stream, encoded
+from consumer.detector import Detector, DetectorSettings
+from consumer.events import Event, EventParser, Events
+from consumer.model import fit_model
+from consumer.state import Changelog
+
+START_TS = 1_796_000_000.0
+PARTITIONS = 8
+FETCH = 1000
+WINDOW = 20_000
+SLICE = 500
+
+
+def warm(records: list[Record], now: float) -> tuple[EventParser, Detector]:
+    parser = EventParser()
+    settings = DetectorSettings()
+    events = [e for _, v, _ in records if isinstance(e := parser.parse(v, 0, now), Event)]
+    assert parser.features is not None
+    detector = Detector(len(parser.features), settings)
+
+    def fit() -> None:
+        rows, version = detector.training_set(now)
+        detector.install(fit_model(rows, settings.fit, version=version, fitted_at=now,
+                                   layout=detector.layout))  # fmt: skip
+
+    for i in range(0, len(events), 5000):
+        prepared = detector.prepare(events[i : i + 5000])
+        if detector.model is None:
+            detector.learn_unjudged(prepared)
+            if detector.fit_due(now):
+                fit()
+        else:
+            detector.judge(prepared, detector.model)
+    fit()
+    return parser, detector
+
+
+def windows(records: list[Record]) -> list[list[bytes]]:
+    """The record values in the order a backlog drain reads them, cut into windows."""
+    parts: list[list[bytes]] = [[] for _ in range(PARTITIONS)]
+    for key, value, _ in records:
+        parts[zlib.crc32(key) % PARTITIONS].append(value)
+    order: list[bytes] = []
+    at = [0] * PARTITIONS
+    while any(at[p] < len(parts[p]) for p in range(PARTITIONS)):
+        for p in range(PARTITIONS):
+            order.extend(parts[p][at[p] : at[p] + FETCH])
+            at[p] += FETCH
+    return [order[i : i + WINDOW] for i in range(0, len(order), WINDOW)]
+
+
+def run(
+    parser: EventParser, detector: Detector, batches: list[list[bytes]], now: float
+) -> tuple[float, float, float, dict[str, Any]]:
+    """Thread seconds parsing, judging and writing changelog records; the outputs."""
+    parse_s = judge_s = state_s = 0.0
+    changelog = Changelog("state", 7 * 86_400.0, clock=lambda: now)
+    changelog.features = parser.features
+    out: dict[str, list[Any]] = {k: [] for k in ("scores", "anomalous", "rates", "features",
+                                                  "warmed")}  # fmt: skip
+    clock: Callable[[], float] = time.thread_time
+    digest = hashlib.sha256()
+    assert detector.model is not None
+    for batch in batches:
+        t0 = clock()
+        parts = []
+        for s in range(0, len(batch), SLICE):
+            chunk = batch[s : s + SLICE]
+            valid, refused = parser.parse_many(chunk, [0] * len(chunk), now)
+            assert not refused
+            parts.append(valid)
+        events = Events.concat(parts, detector.normalizer.n_features)
+        t1 = clock()
+        prepared, verdict = detector.judge(detector.prepare(events, features=False), detector.model)
+        t2 = clock()
+        messages = changelog.batch_messages(
+            detector.normalizer, events.sources, [0] * len(events),
+            list(range(len(events))), events.ts.tolist(),
+        )  # fmt: skip
+        t3 = clock()
+        parse_s += t1 - t0
+        judge_s += t2 - t1
+        state_s += t3 - t2
+        out["scores"].append(verdict.scores)
+        out["anomalous"].append(verdict.anomalous)
+        out["rates"].append(verdict.false_alarm_rates)
+        out["features"].append(prepared.features)
+        out["warmed"].append(prepared.warmed)
+        for m in messages:
+            digest.update(m.key or b"")
+            digest.update(m.value or b"-")
+            digest.update(str(m.partition).encode())
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    n = detector.normalizer
+    size = len(n._names)
+    for name in ("_mean", "_var", "_count", "_last", "_move", "_move_fast", "_level",
+                 "_still_share"):  # fmt: skip
+        arrays["state" + name] = getattr(n, name)[:size]
+    arrays["history"] = detector.history.snapshot()
+    arrays["changelog_sha256"] = np.frombuffer(digest.digest(), dtype=np.uint8)
+    return parse_s, judge_s, state_s, arrays
+
+
+def compare(a_path: str, b_path: str) -> int:
+    a, b = np.load(a_path), np.load(b_path)
+    worst = 0
+    for key in sorted(set(a.files) | set(b.files)):
+        x, y = a[key], b[key]
+        if x.shape != y.shape:
+            print(f"{key}: shapes differ {x.shape} {y.shape}")
+            worst = 2
+            continue
+        same = np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
+        diff = 0.0
+        if not same and x.dtype.kind == "f":
+            diff = float(np.nanmax(np.abs(x - y)))
+        print(f"{key:20s} {'equal' if same else f'DIFFERENT (max |a-b| {diff:.3g})'}")
+        worst = max(worst, 0 if same else 1)
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--prime-events", type=int, default=50_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--save")
+    ap.add_argument("--compare", nargs=2, metavar="NPZ")
+    args = ap.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
+    stream = Stream(Fleet(), start_ts=START_TS)
+    prime = encoded(stream.take(args.prime_events))
+    records = encoded(stream.take(args.events))
+    now = START_TS + (args.prime_events + args.events) / 10_000.0
+    batches = windows(records)
+    best = [float("inf")] * 3
+    arrays: dict[str, Any] = {}
+    for _ in range(args.repeat):
+        times = run(*warm(prime, now), batches, now)
+        best = [min(b, t) for b, t in zip(best, times[:3], strict=True)]
+        arrays = times[3]
+    n = args.events
+    us = [1e6 * b / n for b in best]
+    print(f"{n} events in {len(batches)} windows, best of {args.repeat} (thread CPU per event):")
+    print(f"  parse {us[0]:.2f} us   judge {us[1]:.2f} us   changelog {us[2]:.2f} us"
+          f"   total {sum(us):.2f} us")  # fmt: skip
+    if args.save:
+        np.savez(args.save, **arrays)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
