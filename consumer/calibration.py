@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from consumer.normalize import BoolArray, FloatArray, IntArray
+from consumer.normalize import BoolArray, FloatArray, IntArray, ranks
 
 
 def calibrated(rates: FloatArray, exceedance: FloatArray, budget_share: float) -> FloatArray:
@@ -66,11 +66,7 @@ def walk(
     share = start.astype(np.float64, copy=True)
     if n == 0:
         return before, share
-    order = np.argsort(inverse, kind="stable")
-    grouped = inverse[order]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-    rank = np.empty(n, dtype=np.intp)
-    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    rank = ranks(inverse)
     plain = 1.0 / (prior_events + seen[inverse] + rank + 1.0)
     step = np.where(learn, np.maximum(alpha, plain), 0.0)
     target = hits.astype(np.float64)

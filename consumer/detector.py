@@ -30,7 +30,7 @@ from consumer.model import (
     Layout,
     RefitSchedule,
 )
-from consumer.normalize import BoolArray, FloatArray, IntArray, SourceNormalizer
+from consumer.normalize import BoolArray, FloatArray, IntArray, SourceNormalizer, ranks
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,7 @@ def rounds(rows: IntArray, per_source: int, warming: IntArray | None = None) -> 
     n = len(rows)
     if n == 0:
         return []
-    order = np.argsort(rows, kind="stable")
-    by_source = rows[order]
-    starts = np.flatnonzero(np.r_[True, by_source[1:] != by_source[:-1]])
-    rank = np.empty(n, dtype=np.intp)
-    # Within its source, an event's rank is its distance from the source's first event.
-    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    rank = ranks(rows)
     round_of = rank // per_source
     if warming is not None and warming.any():
         young = warming > 0

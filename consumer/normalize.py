@@ -67,6 +67,18 @@ _STILL_SHARE_LIMIT = 0.05
 _FREE = np.iinfo(np.int64).max
 
 
+def ranks(groups: IntArray) -> IntArray:
+    """Each event's rank within its group (source): how many of the group's events
+    come before it in the batch."""
+    n = len(groups)
+    order = np.argsort(groups, kind="stable")
+    grouped = groups[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    rank = np.empty(n, dtype=np.intp)
+    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    return rank
+
+
 @dataclass(frozen=True)
 class Recent:
     """Per event of a batch: its step from its source's previous event, and its

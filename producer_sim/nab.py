@@ -532,7 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = offline(corpus, config, args.rate)
         variants = {
             "this detector, offline: raw forest score": (RAW_NAME, scores),
-            "this detector, offline: published (0 unless flagged)": (PUBLISHED_NAME, scores),
+            "this detector, offline: published (source-rate severity, 0 unless flagged)": (
+                PUBLISHED_NAME,
+                scores,
+            ),
         }
     else:
         from producer_sim.nab_live import LiveError, run_live
