@@ -7,13 +7,15 @@ a 30-sigma step) crosses that tail far more often than the budget says, and floo
 
 So each source also keeps the share of its own events that the fleet-wide rate would
 flag, ``exceedance``: an exponentially weighted mean over its last events, starting at
-the budget itself (a source is presumed as calibrated as the fleet). A source that
+the budget's share itself, which a young source's plain mean counts as 1/b events (a
+source is presumed as calibrated as the fleet until it shows otherwise). A source that
 crosses the budget no more often than the budget keeps its rates. One that crosses it
 a share f > b of the time (b the budget per event) has its tail read as heavier, by
 the power that takes b to f: rate' = rate ** (ln f / ln b). At f = b that is the rate
-itself; at f = 100 b (a flood) an event must be b**2 rare fleet-wide to be flagged.
-This is the rule of a tail whose log grows linearly, which the |z| and forest tails
-are (generalised Pareto), and it keeps the fleet's budget: rates only ever grow.
+itself; at f = 100 b (a flood) an event must be b**2 rare fleet-wide to reach b. The
+power keeps the order of a source's own events and only ever raises rates, so the
+fleet's budget holds. The decision stays the fleet's rule (see ``Detector.score``):
+the source rates rank anomalies across sources.
 
 Pure functions; the per-source shares live in the normalizer's table
 (``SourceNormalizer``), beside the statistics they belong with.
