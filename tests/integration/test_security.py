@@ -299,6 +299,12 @@ async def test_each_connection_failure_is_one_line_and_a_non_zero_exit(
             assert secret not in result.stderr, name
 
 
+# In process, the test's event loop can end while the SSL transport of a connection
+# that failed its SASL login is still closing (aiokafka closes it without awaiting the
+# SSL shutdown), and the socket is then collected unclosed: a ResourceWarning in one
+# CI run of many (2026-12-01, "evaluate-sasl_ssl"). The simulator is a process of its
+# own, which exits there; what is asserted is its one line and its status.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     ("command", "listener", "words"),
     [
