@@ -46,18 +46,22 @@ def bench_config(bootstrap: str, topics: Sequence[str], group: str, *extra: str)
 
 
 def warm_detector(
-    parser: EventParser, settings: DetectorSettings, records: list[Record]
+    parser: EventParser,
+    settings: DetectorSettings,
+    records: list[Record],
+    clock: Callable[[], float] = time.time,
 ) -> Detector:
     """A detector that has seen ``records``: per-source statistics learned from them,
-    and a model fitted on their normal history, as a service running for a while has."""
-    now = time.time()
+    and a model fitted on their normal history, as a service running for a while has.
+    A fixed ``clock`` makes it the same detector every time (``bench.micro_judge``)."""
+    now = clock()
     events = [e for _, value, _ in records if isinstance(e := parser.parse(value, 0, now), Event)]
     assert parser.features is not None, "no valid priming event"
     detector = Detector(len(parser.features), settings)
 
     def fit() -> None:
-        rows, version = detector.training_set(time.time())
-        model = fit_model(rows, settings.fit, version=version, fitted_at=time.time(),
+        rows, version = detector.training_set(clock())
+        model = fit_model(rows, settings.fit, version=version, fitted_at=clock(),
                           layout=detector.layout)  # fmt: skip
         detector.install(model)
 

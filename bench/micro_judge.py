@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.detector import warm_detector
 from bench.stream import Fleet, Record, Stream, encoded
 from consumer.detector import Detector, DetectorSettings
-from consumer.events import Event, EventParser, Events
-from consumer.model import fit_model
+from consumer.events import EventParser, Events
 from consumer.state import Changelog
 
 START_TS = 1_796_000_000.0
@@ -43,26 +43,7 @@ SLICE = 500
 
 def warm(records: list[Record], now: float) -> tuple[EventParser, Detector]:
     parser = EventParser()
-    settings = DetectorSettings()
-    events = [e for _, v, _ in records if isinstance(e := parser.parse(v, 0, now), Event)]
-    assert parser.features is not None
-    detector = Detector(len(parser.features), settings)
-
-    def fit() -> None:
-        rows, version = detector.training_set(now)
-        detector.install(fit_model(rows, settings.fit, version=version, fitted_at=now,
-                                   layout=detector.layout))  # fmt: skip
-
-    for i in range(0, len(events), 5000):
-        prepared = detector.prepare(events[i : i + 5000])
-        if detector.model is None:
-            detector.learn_unjudged(prepared)
-            if detector.fit_due(now):
-                fit()
-        else:
-            detector.judge(prepared, detector.model)
-    fit()
-    return parser, detector
+    return parser, warm_detector(parser, DetectorSettings(), records, clock=lambda: now)
 
 
 def windows(records: list[Record]) -> list[list[bytes]]:

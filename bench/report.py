@@ -120,6 +120,21 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:,.0f} MiB"
 
 
+def _section(
+    lines: list[str], results: dict[str, Any], key: str, label: str
+) -> dict[str, Any] | None:
+    """A section's results, after a blank line; None when it did not run, or when it
+    failed (then its error is the section's one line)."""
+    part: dict[str, Any] | None = results.get(key)
+    if not part:
+        return None
+    lines.append("")
+    if "error" in part:
+        lines.append(f"{label}: {part['error']}")
+        return None
+    return part
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{1000 * value:,.0f} ms"
 
@@ -172,70 +187,58 @@ def render(results: Results) -> str:
             f"per CPU-second of this process: detector / naive {det_cpu / naive_cpu:.2f}x "
             "(events/s / events per CPU-second = cores used)"
         )
-    lat = results.get("latency")
+    lat = _section(lines, results, "latency", "latency")
     if lat:
-        lines.append("")
-        if "error" in lat:
-            lines.append(f"latency: {lat['error']}")
-        else:
-            k, d = lat["latency_seconds"], lat["latency_detected_at_seconds"]
-            lag, rlag = lat["loop_lag_seconds"], lat["loop_lag_during_refits_seconds"]
-            olag = lat.get("loop_lag_outside_refits_seconds", {})
+        k, d = lat["latency_seconds"], lat["latency_detected_at_seconds"]
+        lag, rlag = lat["loop_lag_seconds"], lat["loop_lag_during_refits_seconds"]
+        olag = lat.get("loop_lag_outside_refits_seconds", {})
+        lines.append(
+            f"latency at {lat['rate_target']:,.0f} events/s for {lat['duration_seconds']:g} s "
+            f"(achieved {lat['rate_achieved']:,.0f}/s, window {lat['window_seconds']:g} s, "
+            f"refit every {lat['refit_seconds']:g} s, {lat['refits_completed']} refits, "
+            f"{lat['anomalies_measured']} anomalies):"
+        )
+        if not lat.get("kept_up", True):
             lines.append(
-                f"latency at {lat['rate_target']:,.0f} events/s for {lat['duration_seconds']:g} s "
-                f"(achieved {lat['rate_achieved']:,.0f}/s, window {lat['window_seconds']:g} s, "
-                f"refit every {lat['refit_seconds']:g} s, {lat['refits_completed']} refits, "
-                f"{lat['anomalies_measured']} anomalies):"
+                f"  DID NOT KEEP UP: {lat['backlog_events_at_stop']:,} events unread 60 s "
+                "after the load ended (their anomalies are missing from the percentiles)"
             )
-            if not lat.get("kept_up", True):
-                lines.append(
-                    f"  DID NOT KEEP UP: {lat['backlog_events_at_stop']:,} events unread 60 s "
-                    "after the load ended (their anomalies are missing from the percentiles)"
-                )
-            lines.append(
-                f"  event ts -> anomaly Kafka timestamp: p50 {_ms(k['p50'])}  "
-                f"p95 {_ms(k['p95'])}  p99 {_ms(k['p99'])}"
-            )
-            lines.append(
-                f"  event ts -> detected_at:             p50 {_ms(d['p50'])}  "
-                f"p95 {_ms(d['p95'])}  p99 {_ms(d['p99'])}"
-            )
-            lines.append(
-                f"  event-loop lag (10 ms timer, {lag['samples']} samples): p99 {_ms(lag['p99'])} "
-                f"(max {_ms(lag['max'])}); during refits p99 {_ms(rlag['p99'])} "
-                f"({rlag['samples']} samples), outside refits p99 {_ms(olag.get('p99'))}"
-            )
-    mem = results.get("memory")
+        lines.append(
+            f"  event ts -> anomaly Kafka timestamp: p50 {_ms(k['p50'])}  "
+            f"p95 {_ms(k['p95'])}  p99 {_ms(k['p99'])}"
+        )
+        lines.append(
+            f"  event ts -> detected_at:             p50 {_ms(d['p50'])}  "
+            f"p95 {_ms(d['p95'])}  p99 {_ms(d['p99'])}"
+        )
+        lines.append(
+            f"  event-loop lag (10 ms timer, {lag['samples']} samples): p99 {_ms(lag['p99'])} "
+            f"(max {_ms(lag['max'])}); during refits p99 {_ms(rlag['p99'])} "
+            f"({rlag['samples']} samples), outside refits p99 {_ms(olag.get('p99'))}"
+        )
+    mem = _section(lines, results, "memory", "memory")
     if mem:
-        lines.append("")
-        if "error" in mem:
-            lines.append(f"memory: {mem['error']}")
-        else:
-            growth = mem["growth_mark_to_end"]
-            lines.append(
-                f"memory, {mem['sources']:,} sources at {mem['rate_achieved']:,.0f} events/s "
-                f"for {_minutes(mem['duration_seconds'])}: RSS peak "
-                f"{_mib(mem['rss_peak_bytes'])} (at {mem.get('rss_peak_at_seconds') or 0:.0f} s), "
-                f"steady {_mib(mem['rss_steady_bytes'])}, "
-                f"at {_minutes(mem['mark_seconds'])} {_mib(mem['rss_at_mark_bytes'])}, at end "
-                f"{_mib(mem['rss_at_end_bytes'])} "
-                f"({'-' if growth is None else f'{100 * growth:+.1f}%'}); fitting process peak "
-                f"{_mib(mem['fit_process_rss_peak_bytes'])}"
-            )
-    state = results.get("state")
+        growth = mem["growth_mark_to_end"]
+        lines.append(
+            f"memory, {mem['sources']:,} sources at {mem['rate_achieved']:,.0f} events/s "
+            f"for {_minutes(mem['duration_seconds'])}: RSS peak "
+            f"{_mib(mem['rss_peak_bytes'])} (at {mem.get('rss_peak_at_seconds') or 0:.0f} s), "
+            f"steady {_mib(mem['rss_steady_bytes'])}, "
+            f"at {_minutes(mem['mark_seconds'])} {_mib(mem['rss_at_mark_bytes'])}, at end "
+            f"{_mib(mem['rss_at_end_bytes'])} "
+            f"({'-' if growth is None else f'{100 * growth:+.1f}%'}); fitting process peak "
+            f"{_mib(mem['fit_process_rss_peak_bytes'])}"
+        )
+    state = _section(lines, results, "state", "state restore")
     if state:
-        lines.append("")
-        if "error" in state:
-            lines.append(f"state restore: {state['error']}")
-        else:
-            lines.append(
-                f"state restore, {state['sources']:,} sources over {state['partitions']} "
-                f"partitions ({state['features']} features): {state['restore_seconds']:.1f} s "
-                f"({state['read_seconds']:.1f} s reading, {state['load_seconds']:.1f} s loading), "
-                f"{state['key_and_value_bytes_per_source']:,} bytes per source on the topic, "
-                f"{state['memory_bytes_per_source']:,} bytes of memory per source "
-                f"({state['restore_peak_bytes_per_source']:,} at the peak)"
-            )
+        lines.append(
+            f"state restore, {state['sources']:,} sources over {state['partitions']} "
+            f"partitions ({state['features']} features): {state['restore_seconds']:.1f} s "
+            f"({state['read_seconds']:.1f} s reading, {state['load_seconds']:.1f} s loading), "
+            f"{state['key_and_value_bytes_per_source']:,} bytes per source on the topic, "
+            f"{state['memory_bytes_per_source']:,} bytes of memory per source "
+            f"({state['restore_peak_bytes_per_source']:,} at the peak)"
+        )
     lines.append("")
     header = f"{'target':<44} {'goal':<30} {'value':<34} result"
     lines += [header, "-" * len(header)]

@@ -87,11 +87,9 @@ def test_the_compiled_walk_gives_the_numpy_walks_bits(
         np.testing.assert_array_equal(got, expected)
 
 
-def test_a_rounds_second_request_reuses_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    norm = table(20, 40, 3, seed=1)
-    names, values = batch(20, 300, 3, seed=2, outliers=0.05)
-    rows = norm.rows(names)
-    walks = []
+def count_walks(norm: SourceNormalizer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the size of each batch ``norm`` walks (not answered from its cache)."""
+    walks: list[int] = []
     walk = norm._walk_recent
 
     def counted(idx: np.ndarray, x: np.ndarray) -> Recent:
@@ -99,6 +97,14 @@ def test_a_rounds_second_request_reuses_the_first(monkeypatch: pytest.MonkeyPatc
         return walk(idx, x)
 
     monkeypatch.setattr(norm, "_walk_recent", counted)
+    return walks
+
+
+def test_a_rounds_second_request_reuses_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    norm = table(20, 40, 3, seed=1)
+    names, values = batch(20, 300, 3, seed=2, outliers=0.05)
+    rows = norm.rows(names)
+    walks = count_walks(norm, monkeypatch)
     _still, level = norm.temporal(rows, values)  # the round's features
     norm.update(rows, values, np.ones(len(rows), dtype=bool))  # then its learning
     assert walks == [300]
@@ -124,14 +130,7 @@ def test_any_change_walks_again(monkeypatch: pytest.MonkeyPatch, change: str) ->
     names, values = batch(5, 50, 2, seed=4, outliers=0.0)
     rows = norm.rows(names)
     norm.temporal(rows, values)
-    walks = []
-    walk = norm._walk_recent
-
-    def counted(idx: np.ndarray, x: np.ndarray) -> Recent:
-        walks.append(len(idx))
-        return walk(idx, x)
-
-    monkeypatch.setattr(norm, "_walk_recent", counted)
+    walks = count_walks(norm, monkeypatch)
     norm.temporal(rows, values)
     assert walks == []  # nothing changed: the answer kept
     if change == "values":
