@@ -205,8 +205,8 @@ OPTIONS: tuple[Option, ...] = (
         "--state-ttl-seconds",
         number(minimum=0.0, exclusive_min=True),
         86_400.0,
-        "a source silent this long (event time) is dropped from memory and tombstoned in "
-        "--state-topic",
+        "a source silent this long (stream time: the newest event time seen) is dropped "
+        "from memory and tombstoned in --state-topic",
     ),
     Option(
         "--incident-open-anomalies",

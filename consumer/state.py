@@ -173,7 +173,8 @@ class Restored:
 
 class StateTracker:
     """Which input partition each known source lives in, and when it was last seen
-    (event time), for the changelog records and the time-to-live. Used in the scoring
+    (stream time: the newest event time, at most a minute past the wall clock), for the
+    changelog records and the time-to-live. Used in the scoring
     thread under the detector's state lock."""
 
     def __init__(
@@ -187,26 +188,22 @@ class StateTracker:
         self._swept_at = 0.0
 
     def touch(self, sources: Sequence[str], partitions: Sequence[int], ts: Sequence[float]) -> None:
-        """Each source lives in the partition of its last event, and was last seen at
-        its latest ts. Per source of the batch, not per event: a Python loop over a
-        20,000-event batch cost about 0.5 us an event (thread time, 300 sources)."""
+        """Each source lives in the partition of its last event, and was last seen at the
+        stream time after this batch. Silence is counted in the stream's time, not
+        against the source's own clock: a source that reports late, or (a replayed fleet
+        of series from different years) on a clock of its own, is not silent while it
+        reports, and is not forgotten between two of its batches. Per source of the
+        batch, not per event: a Python loop over a 20,000-event batch cost about 0.5 us
+        an event (thread time, 300 sources)."""
         if not len(sources) == len(partitions) == len(ts):
             raise ValueError("touch needs one partition and one ts per source")
+        newest = max(self.stream_ts, max(ts)) if len(ts) else self.stream_ts
+        self.stream_ts = now = min(
+            newest, max(self.stream_ts, self.clock() + _STREAM_AHEAD_SECONDS)
+        )
         where = self.where
-        newest = self.stream_ts
-        if len(ts):
-            order = np.argsort(np.asarray(ts, dtype=np.float64), kind="stable").tolist()
-            # In ts order, a dict keeps each source's latest ts; in batch order, the
-            # partition of its last event (and the sources in order of first appearance).
-            latest = dict(
-                zip(map(sources.__getitem__, order), map(ts.__getitem__, order), strict=True)
-            )
-            for source, partition in dict(zip(sources, partitions, strict=True)).items():
-                seen = where.get(source)
-                t_max = latest[source]
-                where[source] = (partition, t_max if seen is None else max(seen[1], t_max))
-            newest = max(newest, ts[order[-1]])
-        self.stream_ts = min(newest, max(self.stream_ts, self.clock() + _STREAM_AHEAD_SECONDS))
+        for source, partition in dict(zip(sources, partitions, strict=True)).items():
+            where[source] = (partition, now)
 
     def forget(self, sources: Sequence[str]) -> None:
         for source in sources:
@@ -216,7 +213,7 @@ class StateTracker:
         return [s for s, (p, _) in self.where.items() if p in partitions]
 
     def expired(self) -> list[tuple[str, int]]:
-        """Sources silent for the time-to-live (event time), forgotten here; checked at
+        """Sources silent for the time-to-live of stream time, forgotten here; checked at
         most every tenth of the TTL of stream time (a scan of every known source)."""
         now = self.stream_ts
         if now - self._swept_at < self.ttl_seconds / 10:

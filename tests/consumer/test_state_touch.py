@@ -1,5 +1,5 @@
 """A batch's sources, touched per source: the same answers as the plain loop over
-every event it replaces."""
+every event it replaces. A source's time is the stream's time when it was last seen."""
 
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ from consumer.state import StateTracker
 def touched_one_by_one(
     tracker: StateTracker, sources: Sequence[str], partitions: Sequence[int], ts: Sequence[float]
 ) -> None:
-    """The loop ``StateTracker.touch`` was: every event in batch order."""
-    where = tracker.where
-    newest = tracker.stream_ts
-    for source, partition, t in zip(sources, partitions, ts, strict=True):
-        seen = where.get(source)
-        where[source] = (partition, t if seen is None else max(seen[1], t))
-        newest = max(newest, t)
+    """Every event in batch order: the stream's time moves to the newest ts (at most a
+    minute past the clock), and each source is seen at the stream's time after the batch."""
+    newest = max([tracker.stream_ts, *ts])
     tracker.stream_ts = min(newest, max(tracker.stream_ts, tracker.clock() + 60.0))
+    for source, partition in zip(sources, partitions, strict=True):
+        tracker.where[source] = (partition, tracker.stream_ts)
 
 
 def trackers() -> tuple[StateTracker, StateTracker]:
@@ -40,9 +38,9 @@ def trackers() -> tuple[StateTracker, StateTracker]:
     [
         ([], [], []),
         (["a"], [0], [1.0]),
-        # A source's ts going backwards: it keeps its latest; its last event's partition.
+        # A source's ts going backwards: its last event's partition.
         (["a", "a", "a"], [0, 1, 2], [5.0, 3.0, 4.0]),
-        # A known source seen earlier than it was: its ts stays.
+        # A source reporting on an old clock of its own is still seen now.
         (["b", "a", "b"], [1, 0, 2], [900.0, 2.0, 950.0]),
         # Equal ts, and a ts far ahead of the clock (stream time is capped).
         (["c", "d", "c", "d"], [0, 0, 1, 1], [7.0, 7.0, 7.0, 99_999.0]),
@@ -85,3 +83,17 @@ def test_touch_refuses_columns_of_different_lengths() -> None:
     tracker, _ = trackers()
     with pytest.raises(ValueError, match="one partition"):
         tracker.touch(["a", "b"], [0], [1.0, 2.0])
+
+
+def test_a_source_on_an_old_clock_is_not_silent_while_it_reports() -> None:
+    """A replayed fleet of series from different years: the one from 2011 is seen at the
+    stream's time (2015), so the time-to-live does not forget it between its batches;
+    once the stream moves on a TTL without it, it goes."""
+    tracker = StateTracker("state", 86_400.0, clock=lambda: 2e9)
+    y2011, y2015 = 1.3e9, 1.43e9
+    tracker.touch(["old", "new"], [0, 1], [y2011, y2015])
+    tracker.touch(["old", "new"], [0, 1], [y2011 + 300, y2015 + 300])
+    assert tracker.where == {"old": (0, y2015 + 300), "new": (1, y2015 + 300)}
+    assert tracker.expired() == []
+    tracker.touch(["new"], [1], [y2015 + 86_400 + 301])
+    assert tracker.expired() == [("old", 0)]
