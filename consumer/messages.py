@@ -33,6 +33,11 @@ class Record(Protocol):
     headers: Sequence[tuple[str, bytes]]
 
 
+def published_rate(rate: float) -> float:
+    """A rate as an anomaly record carries it: three significant digits."""
+    return float(f"{rate:.3g}")
+
+
 def anomaly_messages(
     topic: str,
     features: Sequence[str] | None,
@@ -61,10 +66,10 @@ def anomaly_messages(
             "threshold": round(model.threshold, 6),
             # Calibrated: the false alarms per 10,000 normal events of thresholds that
             # would just flag this event; comparable across model versions.
-            "false_alarm_rate": float(f"{verdict.false_alarm_rates[i]:.3g}"),
+            "false_alarm_rate": published_rate(verdict.false_alarm_rates[i]),
             # The same, read against this source's own alarms (``consumer.calibration``):
             # comparable across sources, so a noisy source does not outrank a quiet one.
-            "source_false_alarm_rate": float(f"{verdict.source_rates[i]:.3g}"),
+            "source_false_alarm_rate": published_rate(verdict.source_rates[i]),
             "window": {"start": start, "end": end},
             "model": {
                 "version": model.version,

@@ -41,6 +41,7 @@ import numpy as np
 from consumer.config import Config, load_config
 from consumer.detector import Detector
 from consumer.events import Event
+from consumer.messages import published_rate
 from consumer.model import PER_EVENTS
 from consumer.normalize import FloatArray, IntArray
 from consumer.pipeline import settings_from
@@ -197,7 +198,9 @@ def offline(corpus: Sequence[Series], config: Config, rate_per_second: float) ->
         verdict = judged.verdict
         for i in range(len(judged.prepared)):
             s, r = int(which[lo + i]), int(rows[lo + i])
-            published = severity(verdict.source_rates[i]) if verdict.anomalous[i] else 0.0
+            published = (
+                severity(published_rate(verdict.source_rates[i])) if verdict.anomalous[i] else 0.0
+            )
             scores.put(corpus[s].key, r, float(verdict.scores[i]), published)
     return scores
 
