@@ -66,6 +66,15 @@ OPTIONS: tuple[Option, ...] = (
         "a window closes early when it holds this many records",
     ),
     Option(
+        "--replay-events-per-second",
+        number(minimum=0.0, maximum=1_000_000),
+        0.0,
+        "replay of history: judge the stream as if it arrived at this many events per "
+        "second, however fast it is read (windows of this x --window-seconds records, "
+        "refits on that clock, each awaited), with no limit on the events' age; "
+        "0: live, on the wall clock",
+    ),
+    Option(
         "--features",
         name_list,
         None,
@@ -363,6 +372,7 @@ class Config:
     auto_offset_reset: str
     window_seconds: float
     max_batch: int
+    replay_events_per_second: float
     features: tuple[str, ...] | None
     refit_seconds: float
     refit_events: int
@@ -425,6 +435,12 @@ class Config:
                 f"--max-held-events ({self.max_held_events}) must be at least --min-train "
                 f"({self.min_train}), or the first model could never be trained"
             )
+        if self.replay_events_per_second and not 1 <= self.replay_batch_events <= self.max_batch:
+            raise OptionError(
+                f"--replay-events-per-second ({self.replay_events_per_second:g}) x "
+                f"--window-seconds ({self.window_seconds:g}) must make a window of 1 to "
+                f"--max-batch ({self.max_batch}) records"
+            )
         if self.max_sources < self.max_batch:
             raise OptionError(
                 f"--max-sources ({self.max_sources}) must be at least --max-batch "
@@ -460,6 +476,11 @@ class Config:
             self.incidents_topic,
             self.state_topic,
         )
+
+    @property
+    def replay_batch_events(self) -> int:
+        """Replay: the records of one window (0 when live)."""
+        return round(self.replay_events_per_second * self.window_seconds)
 
     @property
     def metrics_tls(self) -> bool:

@@ -187,16 +187,24 @@ class Processor:
         self.stopping = stopping or Stopping()
         self.clock = clock
         self.settings = settings_from(config)
+        # Replay of history: events carry old times, so their age is no reason to refuse
+        # them; windows are counted in records and refits follow the records read.
+        self.replay = config.replay_events_per_second > 0
+        self.replayed_events = 0
         self.parser = EventParser(
             config.features,
             Limits(
                 max_message_bytes=config.max_message_bytes,
                 max_metric_abs=config.max_metric_abs,
-                max_event_age_seconds=config.max_event_age_seconds,
-                max_future_seconds=config.max_future_seconds,
+                max_event_age_seconds=math.inf if self.replay else config.max_event_age_seconds,
+                max_future_seconds=math.inf if self.replay else config.max_future_seconds,
             ),
         )
-        self.windows: WindowBuffer[Record] = WindowBuffer(config.window_seconds, config.max_batch)
+        self.windows: WindowBuffer[Record] = (
+            WindowBuffer(None, config.replay_batch_events)
+            if self.replay
+            else WindowBuffer(config.window_seconds, config.max_batch)
+        )
         self.detector: Detector | None = None
         # Held by the scoring thread while it changes the detector's statistics, and by
         # POST /score while it reads them.
@@ -282,7 +290,11 @@ class Processor:
                 await self.models.cancel()
 
     async def _fetch(self, stop_wait: asyncio.Task[bool]) -> dict[TopicPartition, list[Record]]:
-        timeout_ms = max(1, math.ceil(self.windows.seconds_left(self.clock()) * 1000))
+        # Replay: a window's time with nothing read means the history has been read.
+        wait_seconds = (
+            self.config.window_seconds if self.replay else self.windows.seconds_left(self.clock())
+        )
+        timeout_ms = max(1, math.ceil(wait_seconds * 1000))
         fetch = asyncio.ensure_future(
             self.consumer.getmany(
                 timeout_ms=timeout_ms, max_records=min(self.windows.capacity, _FETCH_RECORDS)
@@ -303,12 +315,39 @@ class Processor:
             closed.extend(self.windows.add(records, now))
             highwater = self.consumer.highwater(tp)
             self.observer.consumed(tp, len(records), records[-1].offset, highwater)
+        if self.replay and not fetched:
+            closed.extend(batch for batch in [self.windows.flush(now)] if batch is not None)
+        for batch in closed:
+            if self.cold and self._has_model():
+                await self._drain_held()
+            await self._handle(batch, now)
+            if self.replay:
+                await self._refit_replayed(len(batch.records))
         if self.cold and self._has_model():
             await self._drain_held()
-        for batch in closed:
-            await self._handle(batch, now)
-        if self.detector is not None:
+        if self.detector is not None and not self.replay:
             self.refitter.maybe_refit(self.detector, now)
+
+    async def _refit_replayed(self, records: int) -> None:
+        """Replay: refit on the clock of the records read (``--replay-events-per-second``),
+        on a history that holds every batch before, and wait for the model before the next
+        window, as ``producer_sim.replay`` does: a history is judged alike however fast
+        it is read, and whatever the fits cost."""
+        self.replayed_events += records
+        detector = self.detector
+        if detector is None:
+            return
+        await self.in_flight.settle()
+        self.refitter.maybe_refit(detector, self._refit_clock())
+        task = self.refitter.task
+        if task is not None:
+            await asyncio.wait({task})
+
+    def _refit_clock(self) -> float:
+        """The refit schedule's clock: the wall clock, or in replay the records read."""
+        if self.replay:
+            return self.replayed_events / self.config.replay_events_per_second
+        return self.clock()
 
     async def _shutdown(self) -> None:
         async with self.lock:
@@ -527,7 +566,8 @@ class Processor:
                 self.config.min_train,
             )
             small = len(detector.history) < _MIN_FORCED_TRAINING
-            self.refitter.fit(detector, self.clock(), self.cold.training_rows() if small else None)
+            extra = self.cold.training_rows() if small else None
+            self.refitter.fit(detector, self._refit_clock(), extra)
         task = self.refitter.task
         assert task is not None
         await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

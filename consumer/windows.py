@@ -3,6 +3,7 @@
 A window is ``[start, end)`` with ``start`` a multiple of the window length, so every
 instance of the service cuts time the same way. A window also closes early once it
 holds ``max_batch`` records; the rest of its time then forms a new, shorter batch.
+With no window length (replay of history) windows close by size only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Batch(Generic[T]):
 class WindowBuffer(Generic[T]):
     """Collects records into the open window and hands out closed batches."""
 
-    def __init__(self, window_seconds: float, max_batch: int) -> None:
+    def __init__(self, window_seconds: float | None, max_batch: int) -> None:
         self.window_seconds = window_seconds
         self.max_batch = max_batch
         self._open: Batch[T] | None = None
@@ -53,6 +54,8 @@ class WindowBuffer(Generic[T]):
     def seconds_left(self, now: float) -> float:
         """Time until the open window closes; a full window when none is open."""
         if self._open is None:
+            if self.window_seconds is None:
+                return math.inf
             return window_bounds(now, self.window_seconds)[1] - now
         return max(0.0, self._open.end - now)
 
@@ -102,6 +105,8 @@ class WindowBuffer(Generic[T]):
     def _current(self, now: float) -> Batch[T]:
         # Callers poll() before add(), so an open window here has not run out of time.
         if self._open is None:
-            start, end = window_bounds(now, self.window_seconds)
-            self._open = Batch(start, end)
+            if self.window_seconds is None:
+                self._open = Batch(now, math.inf)
+            else:
+                self._open = Batch(*window_bounds(now, self.window_seconds))
         return self._open

@@ -182,9 +182,11 @@ def severity(source_rate: float) -> float:
     return float(np.clip(np.log10(PER_EVENTS / max(source_rate, 1e-300)) / 8.0, 0.0, 1.0))
 
 
-def offline(corpus: Sequence[Series], config: Config, rate_per_second: float) -> Scores:
-    """Every row's scores from the detector's pure parts, batch by batch as the service."""
-    size = max(1, round(rate_per_second * config.window_seconds))
+def offline(corpus: Sequence[Series], config: Config) -> Scores:
+    """Every row's scores from the detector's pure parts, batch by batch as the service
+    replays them (``--replay-events-per-second``: batches of ``replay_batch_events``, the
+    refit clock one window per batch)."""
+    size = config.replay_batch_events
     order = interleave([len(s) for s in corpus])
     detector = Detector(1, settings_from(config))
     scores = Scores.empty(corpus)
@@ -518,7 +520,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args, service_args = parse_args(argv)
     # The service's options are checked here in every mode (a bad one: one line, status 2).
+    # The evaluation replays history: the same option live and offline (a later one in
+    # the service's options wins).
+    service_args = ["--replay-events-per-second", f"{args.rate:g}", *service_args]
     config = load_config(service_args, environ={})
+    if not config.replay_events_per_second:
+        print("nab: the evaluation replays history: --replay-events-per-second must be > 0",
+              file=sys.stderr)  # fmt: skip
+        return 2
     nab_dir: Path = args.nab_dir.resolve()
     try:
         corpus = load_corpus(nab_dir, args.category)
@@ -532,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f", rate {args.rate:g}/s")
     started = time.perf_counter()
     if args.mode == "offline":
-        scores = offline(corpus, config, args.rate)
+        scores = offline(corpus, config)
         variants = {
             "this detector, offline: raw forest score": (RAW_NAME, scores),
             "this detector, offline: published (source-rate severity, 0 unless flagged)": (

@@ -70,3 +70,19 @@ def test_drop_removes_matching_records_of_the_open_window() -> None:
     batch = buf.poll(5.0)
     assert batch is not None
     assert batch.records == [1, 3]
+
+
+def test_without_a_length_windows_close_by_size_only() -> None:
+    """Replay of history: a window is the next ``max_batch`` records, however long they
+    take to arrive; a flush closes the last, shorter one."""
+    buf: WindowBuffer[int] = WindowBuffer(None, max_batch=3)
+    assert buf.seconds_left(1.0) == float("inf")
+    closed = buf.add([1, 2, 3, 4], now=1.0)
+    assert [(b.start, b.end, b.records) for b in closed] == [(1.0, 1.0, [1, 2, 3])]
+    assert buf.poll(1e12) is None  # time never closes it
+    assert buf.seconds_left(1e12) == float("inf")
+    closed = buf.add([5, 6, 7], now=8.0)
+    assert [(b.start, b.end, b.records) for b in closed] == [(1.0, 8.0, [4, 5, 6])]
+    flushed = buf.flush(now=9.0)
+    assert flushed is not None
+    assert (flushed.start, flushed.end, flushed.records) == (8.0, 9.0, [7])

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer_sim.nab import PUBLISHED_NAME, load_corpus, write_results
+from consumer.config import load_config
+from producer_sim.nab import PUBLISHED_NAME, load_corpus, offline, write_results
 from producer_sim.nab_live import live
 from tests.conftest import Broker
 
@@ -22,7 +23,14 @@ async def test_two_nab_series_through_the_service_give_complete_result_files(
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers)
     corpus = load_corpus(CORPUS)
     args = argparse.Namespace(mode=mode, rate=2000.0, partitions=2)
-    service_args = ["--window-seconds", "0.5", "--min-train", "300"]
+    service_args = [
+        "--replay-events-per-second",
+        "2000",
+        "--window-seconds",
+        "0.5",
+        "--min-train",
+        "300",
+    ]
     scores = await live(corpus, args, service_args, tmp_path)
 
     write_results(tmp_path / "results", PUBLISHED_NAME, corpus, scores.published)
@@ -42,3 +50,29 @@ async def test_two_nab_series_through_the_service_give_complete_result_files(
     # The service published anomalies, and every one found its row (``live`` raises
     # otherwise), so the published scores reached the files.
     assert flagged > 0
+
+
+async def test_the_service_replaying_history_publishes_what_the_offline_replay_flags(
+    kafka: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --replay-events-per-second the judgement does not depend on how the history
+    arrives: the real service, paced (live) or reading a full topic (backlog), publishes
+    exactly the anomalies, with the same source rates, that the offline replay through
+    the detector's pure parts flags. Batches of 200 and a refit every 2 of them, so the
+    cold start, its drain and later models all take part."""
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers)
+    corpus = load_corpus(CORPUS)
+    service_args = [
+        "--replay-events-per-second", "400", "--window-seconds", "0.5", "--refit-seconds", "1",
+        "--min-train", "300",
+    ]  # fmt: skip
+    expected = offline(corpus, load_config(service_args, environ={}))
+    assert sum(int((p > 0).sum()) for p in expected.published.values()) > 0
+    for mode in ("live", "backlog"):
+        args = argparse.Namespace(mode=mode, rate=400.0, partitions=1)
+        (tmp_path / mode).mkdir()
+        got = await live(corpus, args, service_args, tmp_path / mode)
+        for series in corpus:
+            np.testing.assert_array_equal(
+                got.published[series.key], expected.published[series.key], err_msg=mode
+            )

@@ -170,8 +170,11 @@ def write_corpus(root: Path, n_series: int, rows: int, seed: int) -> None:
 def test_offline_scores_every_row_and_flags_the_spikes(tmp_path: Path) -> None:
     write_corpus(tmp_path, n_series=4, rows=1500, seed=3)
     series = load_corpus(tmp_path)
-    config = load_config(["--min-train", "500", "--refit-seconds", "10"], environ={})
-    scores = offline(series, config, rate_per_second=100.0)
+    config = load_config(
+        ["--replay-events-per-second", "100", "--min-train", "500", "--refit-seconds", "10"],
+        environ={},
+    )
+    scores = offline(series, config)
     for s in series:
         raw, published = scores.raw[s.key], scores.published[s.key]
         # Every row judged (cold-start rows too, once the first model exists).
