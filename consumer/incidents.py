@@ -14,7 +14,8 @@ after the open at the soonest, each later one twice as long after the one before
 a long incident yields a handful of records. It resolves once the source has sent
 ``quiet_events`` normal events and ``quiet_seconds`` of event time have passed since
 its last anomaly, or when the source has been silent for ``silent_seconds`` of stream
-time (the newest event time seen).
+time (the newest event time seen; a source is seen at the stream time of its events,
+so one on a clock of its own is not silent while it reports).
 
 Pure and single-threaded: the service runs ``track`` in its scoring thread with the
 batch it has just judged. Incident ids are deterministic (source and start time), so a
@@ -183,14 +184,17 @@ class IncidentTracker:
         if stream_ts is not None and stream_ts > self.stream_ts:
             self.stream_ts = stream_ts
         for point in points:
+            if point.ts > self.stream_ts:
+                self.stream_ts = point.ts
             if point.anomalous:
                 self._anomaly(point, out)
             elif point.source in self.open or point.source in self._pending:
                 self._normal(point, out)
-            if point.source in self.open:
-                self._last_seen[point.source] = point.ts
-            if point.ts > self.stream_ts:
-                self.stream_ts = point.ts
+            if point.source in self.open or point.source in self._pending:
+                # Seen at the stream's time, not its own: a source on a clock of its own
+                # (late, or a replayed series years behind the fleet) is not silent
+                # while it reports.
+                self._last_seen[point.source] = self.stream_ts
         self._resolve_silent(out)
         return out
 
@@ -228,7 +232,6 @@ class IncidentTracker:
                 update_gap_seconds=gap,
                 updated_anomalies=record["anomalies"],
             )
-            self._last_seen[source] = record["last_anomaly_at"]
         return len(self.open)
 
     def _anomaly(self, point: Point, out: list[dict[str, Any]]) -> None:
@@ -267,7 +270,6 @@ class IncidentTracker:
         incident.updated_anomalies = incident.anomalies
         incident.next_update_at = incident.last_anomaly_at + s.update_seconds
         self.open[point.source] = incident
-        self._last_seen[point.source] = point.ts
         out.append(incident.record(OPEN, len(self.open)))
 
     def _opens(self, pending: Sequence[Point]) -> bool:
@@ -293,14 +295,20 @@ class IncidentTracker:
             self._resolve(incident, point.ts, out)
 
     def _resolve_silent(self, out: list[dict[str, Any]]) -> None:
+        """Resolve the incidents, and drop the pending anomalies, of sources silent for
+        ``silent_seconds`` of stream time. A restored incident counts from the first
+        batch after its restore (when its source was last seen is not in its record)."""
         limit = self.stream_ts - self.settings.silent_seconds
-        for source in [s for s, seen in self._last_seen.items() if seen < limit]:
+        watched = self.watched
+        for source in list(self._last_seen.keys() - watched):
             del self._last_seen[source]
-            incident = self.open.get(source)
-            if incident is not None:
-                self._resolve(incident, self.stream_ts, out)
-        for source in [s for s, p in self._pending.items() if p.points[-1].ts < limit]:
-            del self._pending[source]
+        for source in watched:
+            if self._last_seen.setdefault(source, self.stream_ts) < limit:
+                del self._last_seen[source]
+                self._pending.pop(source, None)
+                incident = self.open.get(source)
+                if incident is not None:
+                    self._resolve(incident, self.stream_ts, out)
 
     def _resolve(self, incident: Incident, at: float, out: list[dict[str, Any]]) -> None:
         incident.resolved_at = at

@@ -117,6 +117,29 @@ def test_a_silent_source_resolves_on_the_stream_clock() -> None:
     )
 
 
+def test_a_source_on_an_old_clock_is_not_silent_while_it_reports() -> None:
+    """A replayed series years behind the fleet (or a source reporting late): its
+    incident stays open while it reports, and merges its anomalies, whatever its ts."""
+    tracker = IncidentTracker(SETTINGS)
+    tracker.track(points("1000000.", "other"))
+    old = points("0X 1. 2A 3A 4. 5.")
+    records = [r for p in old for r in tracker.track([p], stream_ts=1_000_000.0 + p.ts)]
+    assert [r["status"] for r in records] == ["open"]
+    assert tracker.open["a"].anomalies == 3
+    # Silent for silent_seconds of stream time, it resolves.
+    (resolved,) = tracker.track(points("1000106.", "other"))
+    assert (resolved["source"], resolved["status"]) == ("a", "resolved")
+
+
+def test_a_restored_incident_resolves_once_its_source_is_silent_after_the_restore() -> None:
+    (opened,) = IncidentTracker(SETTINGS).track(points("0X"))
+    tracker = IncidentTracker(SETTINGS)
+    tracker.restore([opened])
+    assert tracker.track(points("500.", "other")) == []  # its silence counts from here
+    (resolved,) = tracker.track(points("601.", "other"))
+    assert (resolved["source"], resolved["status"]) == ("a", "resolved")
+
+
 def test_a_restored_incident_is_updated_not_opened_again() -> None:
     before = IncidentTracker(SETTINGS)
     (opened,) = before.track(points("0X"))
