@@ -137,8 +137,10 @@ class Loop:
         self.task = asyncio.create_task(self.processor.run())
 
     async def until(self, condition: Callable[[], bool], what: str) -> None:
-        """Poll the condition while the loop runs; fail if the loop dies or 10 s pass."""
-        async with asyncio.timeout(10):
+        """Poll the condition while the loop runs; fail if the loop dies or 30 s pass (a
+        first fit starts a process that imports scikit-learn: over 10 s once, with a NAB
+        run beside it on this 2-core machine)."""
+        async with asyncio.timeout(30):
             while not condition():
                 assert self.task is not None
                 if self.task.done():
