@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Coroutine, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from operator import attrgetter
@@ -223,29 +224,38 @@ class Finisher:
         )
 
     def _track(self, prepared: Prepared, verdict: Verdict) -> list[dict[str, Any]]:
-        """Scoring thread: fold the judged batch into the incidents. Only events of
-        sources with an anomaly now or an incident (or pending anomalies) matter
-        (``followed``)."""
-        events = prepared.events
-        if not len(events):
+        """Scoring thread: fold the judged batch into the incidents."""
+        if not len(prepared.events):
             return []
-        anomalous = verdict.anomalous
-        rates = verdict.false_alarm_rates
-        names = self.features
-        sources, ts = events.sources, events.ts
-        points = []
-        for i in followed(sources, anomalous, self.incidents.watched):
-            source, t = sources[i], float(ts[i])
-            if anomalous[i]:
-                zscores = None
-                if names is not None:
-                    row = prepared.features[i, : len(names)].round(3).tolist()
-                    zscores = dict(zip(names, row, strict=True))
-                points.append(Point(source, t, True, float(verdict.scores[i]),
-                                    float(rates[i]), zscores))  # fmt: skip
-            else:
-                points.append(Point(source, t, False))
-        return self.incidents.track(points, stream_ts=float(ts.max()))
+        points = incident_points(prepared, verdict, self.features, self.incidents.watched)
+        return self.incidents.track(points, stream_ts=float(prepared.events.ts.max()))
+
+
+def incident_points(
+    prepared: Prepared,
+    verdict: Verdict,
+    names: Sequence[str] | None,
+    watched: AbstractSet[str],
+) -> list[Point]:
+    """A judged batch as ``IncidentTracker.track`` takes it: only events of sources with
+    an anomaly now or an incident (or pending anomalies) matter (``followed``)."""
+    events = prepared.events
+    anomalous = verdict.anomalous
+    sources, ts = events.sources, events.ts
+    points = []
+    for i in followed(sources, anomalous, watched):
+        source, t = sources[i], float(ts[i])
+        if anomalous[i]:
+            zscores = None
+            if names is not None:
+                row = prepared.features[i, : len(names)].round(3).tolist()
+                zscores = dict(zip(names, row, strict=True))
+            points.append(Point(source, t, True, float(verdict.scores[i]),
+                                float(verdict.false_alarm_rates[i]), zscores,
+                                float(verdict.source_rates[i])))  # fmt: skip
+        else:
+            points.append(Point(source, t, False))
+    return points
 
 
 async def free_in_slices(work: Work) -> None:

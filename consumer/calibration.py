@@ -28,6 +28,11 @@ import numpy as np
 from consumer.normalize import BoolArray, FloatArray, IntArray, ranks
 
 
+def published_rate(rate: float) -> float:
+    """A rate as the anomaly and incident records carry it: three significant digits."""
+    return float(f"{rate:.3g}")
+
+
 def calibrated(rates: FloatArray, exceedance: FloatArray, budget_share: float) -> FloatArray:
     """Each rate (a probability, in [0, 1]) read against its source's exceedance share
     (the share of its events whose fleet-wide rate was at most ``budget_share``).

@@ -32,6 +32,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
+from consumer.calibration import published_rate
+
 logger = logging.getLogger(__name__)
 
 OPEN, UPDATE, RESOLVED = "open", "update", "resolved"
@@ -73,6 +75,8 @@ class Point:
     # Expected false alarms per 10,000 normal events at this score (calibrated).
     rate: float = math.inf
     zscores: Mapping[str, float] | None = None
+    # The same, read against its source's own alarms (``consumer.calibration``).
+    source_rate: float = math.inf
 
     @property
     def largest_z(self) -> float:
@@ -100,9 +104,12 @@ class Incident:
     quiet_events: int = 0
     updated_anomalies: int = 0
     resolved_at: float | None = None
+    # The lowest source rate of its anomalies: how rare its worst is for its source.
+    source_rate: float = math.inf
 
     def take(self, point: Point) -> None:
         self.anomalies += 1
+        self.source_rate = min(self.source_rate, point.source_rate)
         self.last_anomaly_at = max(self.last_anomaly_at, point.ts)
         self.quiet_events = 0
         if point.key > self.peak.key:
@@ -120,6 +127,9 @@ class Incident:
             "last_anomaly_at": self.last_anomaly_at,
             "resolved_at": self.resolved_at,
             "anomalies": self.anomalies,
+            "source_false_alarm_rate": None
+            if math.isinf(self.source_rate)
+            else published_rate(self.source_rate),
             "peak": {
                 "ts": self.peak.ts,
                 "score": round(self.peak.score, 6),
@@ -154,6 +164,11 @@ def followed(
     if not follow:
         return []
     return [i for i, s in enumerate(sources) if s in follow]
+
+
+def _rate(value: float | None) -> float:
+    """A rate read back from a record: null (none known) is infinity."""
+    return math.inf if value is None else float(value)
 
 
 def incident_id(source: str, started_at: float) -> str:
@@ -212,7 +227,6 @@ class IncidentTracker:
                 self.open.pop(source, None)
                 continue
             peak = record["peak"]
-            rate = peak.get("false_alarm_rate")
             gap = self.settings.update_seconds
             self.open[source] = Incident(
                 incident_id=record["incident_id"],
@@ -225,12 +239,13 @@ class IncidentTracker:
                     peak["ts"],
                     True,
                     peak["score"],
-                    math.inf if rate is None else rate,
+                    _rate(peak.get("false_alarm_rate")),
                     peak.get("zscores"),
                 ),
                 next_update_at=record["last_anomaly_at"] + gap,
                 update_gap_seconds=gap,
                 updated_anomalies=record["anomalies"],
+                source_rate=_rate(record.get("source_false_alarm_rate")),
             )
         return len(self.open)
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
+from consumer.calibration import published_rate
 from consumer.detector import Prepared, Verdict
 from consumer.events import Invalid
 from consumer.kafka_io import Message
@@ -31,11 +32,6 @@ class Record(Protocol):
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes]]
-
-
-def published_rate(rate: float) -> float:
-    """A rate as an anomaly record carries it: three significant digits."""
-    return float(f"{rate:.3g}")
 
 
 def anomaly_messages(

@@ -32,6 +32,7 @@ def points(script: str, source: str = "a") -> list[Point]:
                 score=0.5 + ts / 1000,
                 rate=rate,
                 zscores={"cpu": z, "mem": -1.0},
+                source_rate=rate * 2 / (1 + ts),  # the later, the rarer for its source
             )
         )
     return out
@@ -87,6 +88,7 @@ def test_a_record_carries_the_peak_and_the_metric_most_off() -> None:
         "last_anomaly_at": 2.0,
         "resolved_at": None,
         "anomalies": 2,
+        "source_false_alarm_rate": 0.667,  # the lowest of its anomalies', 3 digits
         "peak": {
             "ts": 2.0,
             "score": 0.502,
@@ -149,6 +151,16 @@ def test_a_restored_incident_is_updated_not_opened_again() -> None:
     records = after.track(points("0X 12A 13. 14. 15. 30. 31. 32."))
     assert [r["status"] for r in records] == ["update", "resolved"]
     assert {r["incident_id"] for r in records} == {opened["incident_id"]}
+
+
+def test_a_restored_incident_keeps_its_lowest_source_rate() -> None:
+    (opened,) = IncidentTracker(SETTINGS).track(points("0A 3A"))
+    tracker = IncidentTracker(SETTINGS)
+    tracker.restore([opened])
+    # An anomaly less rare for its source than the incident's worst keeps that worst.
+    (update,) = tracker.track([Point("a", 14.0, True, 0.5, 1.0, None, source_rate=5.0)])
+    (again,) = tracker.track(points("36A"))  # rarer: 2/37
+    assert [r["source_false_alarm_rate"] for r in (opened, update, again)] == [0.5, 0.5, 0.0541]
 
 
 def test_a_resolved_incident_is_not_restored() -> None:
