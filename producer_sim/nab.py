@@ -38,13 +38,15 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from consumer.batch import incident_points
+from consumer.calibration import published_rate
 from consumer.config import Config, load_config
 from consumer.detector import Detector
 from consumer.events import Event
-from consumer.messages import published_rate
+from consumer.incidents import OPEN, IncidentTracker
 from consumer.model import PER_EVENTS
 from consumer.normalize import FloatArray, IntArray
-from consumer.pipeline import settings_from
+from consumer.pipeline import incident_settings, settings_from
 from producer_sim.replay import replay
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,9 @@ METRIC = "value"
 # NAB's scorer splits result file names on "_": a detector name is letters and digits.
 RAW_NAME = "forestraw"  # every row's forest score
 PUBLISHED_NAME = "published"  # the score where the service published an anomaly, else 0
+INCIDENTS_NAME = "incidents"  # the score where an incident opened, else 0
+# An opening with no source rate (no calibration) still counts, below any other.
+LEAST_SEVERITY = 1e-3
 
 
 @dataclass(frozen=True)
@@ -154,18 +159,45 @@ def batches(
 
 @dataclass
 class Scores:
-    """Per series, each row's raw forest score and what the service published (the
-    score of a flagged row, 0 for any other)."""
+    """Per series, each row's raw forest score, what the service published (the
+    severity of a flagged row, 0 for any other) and where its incidents opened (the
+    incident's severity at the row that opened it, 0 for any other)."""
 
     raw: dict[str, FloatArray]
     published: dict[str, FloatArray]
+    incidents: dict[str, FloatArray]
 
     @classmethod
     def empty(cls, corpus: Sequence[Series]) -> Scores:
         return cls(
             raw={s.key: np.zeros(len(s)) for s in corpus},
             published={s.key: np.zeros(len(s)) for s in corpus},
+            incidents={s.key: np.zeros(len(s)) for s in corpus},
         )
+
+    def of(self, name: str) -> dict[str, FloatArray]:
+        """The variant a result-file name stands for."""
+        return {RAW_NAME: self.raw, PUBLISHED_NAME: self.published}.get(name, self.incidents)
+
+    def put_incidents(self, corpus: Sequence[Series], records: Iterable[Mapping[str, Any]]) -> int:
+        """Each incident's opening (its record with status ``open``) at the row of the
+        anomaly that opened it (the source's row at ``last_anomaly_at``), scored with the
+        ``severity`` of its ``source_false_alarm_rate``. How many named no row."""
+        by_key = {s.key: s for s in corpus}
+        unmatched = 0
+        for doc in records:
+            if doc.get("status") != OPEN:
+                continue
+            series = by_key.get(str(doc.get("source")))
+            at = doc.get("last_anomaly_at")
+            row = -1 if series is None or at is None else int(np.searchsorted(series.ts, at))
+            if series is None or not 0 <= row < len(series) or series.ts[row] != at:
+                unmatched += 1
+                continue
+            rate = doc.get("source_false_alarm_rate")
+            opened = LEAST_SEVERITY if rate is None else severity(float(rate))
+            self.incidents[series.key][row] = max(opened, LEAST_SEVERITY)
+        return unmatched
 
     def put(self, key: str, row: int, score: float, published: float) -> None:
         self.raw[key][row] = score
@@ -189,8 +221,10 @@ def offline(corpus: Sequence[Series], config: Config) -> Scores:
     size = config.replay_batch_events
     order = interleave([len(s) for s in corpus])
     detector = Detector(1, settings_from(config))
+    incidents = IncidentTracker(incident_settings(config))
     scores = Scores.empty(corpus)
     which, rows = order
+    # Batches come in stream order (the held ones at the drain, as in the service).
     for judged in replay(
         detector,
         batches(corpus, order, size, config.window_seconds),
@@ -204,6 +238,10 @@ def offline(corpus: Sequence[Series], config: Config) -> Scores:
                 severity(published_rate(verdict.source_rates[i])) if verdict.anomalous[i] else 0.0
             )
             scores.put(corpus[s].key, r, float(verdict.scores[i]), published)
+        points = incident_points(judged.prepared, verdict, (METRIC,), incidents.watched)
+        stream_ts = float(judged.prepared.events.ts.max())
+        if scores.put_incidents(corpus, incidents.track(points, stream_ts)):
+            raise AssertionError("an incident opened on a row that was not replayed")
     return scores
 
 
@@ -348,8 +386,9 @@ def draw(
     corpus: Sequence[Series], scores: Scores, out_dir: Path, title: str, *, raw_known: bool = True
 ) -> list[Path]:
     """One PNG per series: values with the label windows shaded, the probationary 15%
-    marked, published detections as red dots; below, every row's raw forest score (or,
-    live, where the service publishes no other, the published scores)."""
+    marked, published detections as red dots, incident openings as black triangles;
+    below, every row's raw forest score (or, live, where the service publishes no
+    other, the published scores)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,6 +421,16 @@ def draw(
             zorder=3,
             label=f"published ({hit.sum()})",
         )
+        opened = scores.incidents[series.key] > 0
+        top.scatter(
+            when[opened],
+            series.values[opened],
+            color="black",
+            marker="v",
+            s=40,
+            zorder=4,
+            label=f"incident opened ({opened.sum()})",
+        )
         top.legend(loc="upper left", fontsize=8)
         top.set_title(
             f"{series.key}: {title} (orange: label windows, dotted: end of NAB's probation)",
@@ -404,27 +453,42 @@ def draw(
 # -- the command ---------------------------------------------------------------------------
 
 
-def per_series(corpus: Sequence[Series], published: Mapping[str, FloatArray]) -> str:
+def per_series(
+    corpus: Sequence[Series],
+    published: Mapping[str, FloatArray],
+    incidents: Mapping[str, FloatArray] | None = None,
+) -> str:
     """Per series, what the published anomalies did after NAB's probationary 15%: how
-    many label windows got at least one, and how many fell outside every window."""
-    lines = [
-        "| series | rows | windows | windows found | anomalies in windows | outside windows |",
-        "|---|---|---|---|---|---|",
-    ]
+    many label windows got at least one, and how many fell outside every window; the
+    same for the incidents' openings when given."""
+    head = "| series | rows | windows | windows found | anomalies in windows | outside windows |"
+    rule = "|---|---|---|---|---|---|"
+    if incidents is not None:
+        head += " windows found by incidents | incidents outside windows |"
+        rule += "---|---|"
+    lines = [head, rule]
     for s in corpus:
-        flagged = published[s.key] > 0
-        flagged[: int(0.15 * len(s))] = False
-        inside = np.zeros(len(s), dtype=bool)
-        found = 0
-        for start, end in s.windows:
-            window = (s.ts >= start) & (s.ts <= end)
-            inside |= window
-            found += bool((flagged & window).any())
-        lines.append(
-            f"| {s.key} | {len(s)} | {len(s.windows)} | {found} "
-            f"| {int((flagged & inside).sum())} | {int((flagged & ~inside).sum())} |"
-        )
+        found, inside, outside = _hits(s, published[s.key])
+        line = f"| {s.key} | {len(s)} | {len(s.windows)} | {found} | {inside} | {outside} |"
+        if incidents is not None:
+            found, _, outside = _hits(s, incidents[s.key])
+            line += f" {found} | {outside} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _hits(s: Series, scores: FloatArray) -> tuple[int, int, int]:
+    """After NAB's probation: the windows with a detection, the detections inside
+    windows, and those outside every window."""
+    flagged = scores > 0
+    flagged[: int(0.15 * len(s))] = False
+    inside = np.zeros(len(s), dtype=bool)
+    found = 0
+    for start, end in s.windows:
+        window = (s.ts >= start) & (s.ts <= end)
+        inside |= window
+        found += bool((flagged & window).any())
+    return found, int((flagged & inside).sum()), int((flagged & ~inside).sum())
 
 
 def report(
@@ -442,8 +506,7 @@ def report(
     by_category: list[tuple[str, Sequence[float]]] = []
     for label, (name, scores) in variants.items():
         results = out_dir / "results"
-        chosen = scores.raw if name == RAW_NAME else scores.published
-        write_results(results, name, corpus, chosen)
+        write_results(results, name, corpus, scores.of(name))
         found = nab_scores(nab_dir, name, results, python, categories)
         overall.append((label, [found[p] for p in PROFILES]))
         if per_category:
@@ -464,13 +527,10 @@ def report(
         if any(not s.windows for s in corpus):
             text += "\n\n(categories whose series have no label window are not normalisable:"
             text += " see their false alarms below)"
-    text += "\n\nPublished anomalies per series, after NAB's probationary 15%:\n\n"
-    text += per_series(corpus, variants_published(variants))
+    text += "\n\nPublished anomalies and incidents per series, after NAB's probationary 15%:\n\n"
+    scores = next(iter(variants.values()))[1]
+    text += per_series(corpus, scores.published, scores.incidents)
     return text
-
-
-def variants_published(variants: Mapping[str, tuple[str, Scores]]) -> dict[str, FloatArray]:
-    return next(iter(variants.values()))[1].published
 
 
 class _Parser(argparse.ArgumentParser):
@@ -548,6 +608,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 PUBLISHED_NAME,
                 scores,
             ),
+            "this detector, offline: incidents (severity where one opened)": (
+                INCIDENTS_NAME,
+                scores,
+            ),
         }
     else:
         from producer_sim.nab_live import LiveError, run_live
@@ -558,7 +622,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"nab: {exc}", file=sys.stderr)
             return 1
         paced = f" at {args.rate:g}/s" if args.mode == "live" else ""
-        variants = {f"this service, {args.mode}{paced}: published": (PUBLISHED_NAME, scores)}
+        variants = {
+            f"this service, {args.mode}{paced}: published": (PUBLISHED_NAME, scores),
+            f"this service, {args.mode}{paced}: incidents": (INCIDENTS_NAME, scores),
+        }
     print(f"detection took {time.perf_counter() - started:.1f} s")
     if not args.no_plots:
         title = f"{args.mode}, published anomalies"
@@ -570,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out_dir / "results",
                 name,
                 corpus,
-                chosen.raw if name == RAW_NAME else chosen.published,
+                chosen.of(name),
             )
         print(f"result files under {out_dir / 'results'}")
         return 0

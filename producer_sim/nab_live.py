@@ -40,6 +40,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from consumer.incidents import OPEN
 from consumer.topics import ensure_topics
 from producer_sim.detector_process import DetectorProcess
 from producer_sim.nab import ROOT, Scores, Series, interleave, join_anomalies
@@ -260,14 +261,18 @@ async def live(
                 logger.warning("the service exited with status %s (see %s)", code, service.log_path)
         anomalies = [orjson.loads(v) for v in await read_all(broker.bootstrap, topics[1])]
         dead = await read_all(broker.bootstrap, topics[2])
+        incidents = [orjson.loads(v) for v in await read_all(broker.bootstrap, topics[3])]
         scores, unmatched = join_anomalies(corpus, placed, anomalies)
+        unmatched += scores.put_incidents(corpus, incidents)
+        opened = sum(1 for doc in incidents if doc.get("status") == OPEN)
         print(
             f"{len(placed)} events produced, {len(anomalies)} anomalies published, "
-            f"{unmatched} not joined to a row, {len(dead)} dead letters"
+            f"{opened} incidents opened, {unmatched} not joined to a row, "
+            f"{len(dead)} dead letters"
         )
         if dead or unmatched:
             # A dead-lettered row would silently score 0: the run does not stand.
-            raise LiveError(f"{len(dead)} dead letters, {unmatched} anomalies with no row")
+            raise LiveError(f"{len(dead)} dead letters, {unmatched} records with no row")
         return scores
     finally:
         broker.stop()

@@ -57,9 +57,9 @@ async def test_the_service_replaying_history_publishes_what_the_offline_replay_f
 ) -> None:
     """With --replay-events-per-second the judgement does not depend on how the history
     arrives: the real service, paced (live) or reading a full topic (backlog), publishes
-    exactly the anomalies, with the same source rates, that the offline replay through
-    the detector's pure parts flags. Batches of 200 and a refit every 2 of them, so the
-    cold start, its drain and later models all take part."""
+    exactly the anomalies, with the same source rates, and opens the same incidents, that
+    the offline replay through the detector's pure parts does. Batches of 200 and a
+    refit every 2 of them, so the cold start, its drain and later models all take part."""
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers)
     corpus = load_corpus(CORPUS)
     service_args = [
@@ -68,6 +68,7 @@ async def test_the_service_replaying_history_publishes_what_the_offline_replay_f
     ]  # fmt: skip
     expected = offline(corpus, load_config(service_args, environ={}))
     assert sum(int((p > 0).sum()) for p in expected.published.values()) > 0
+    assert sum(int((p > 0).sum()) for p in expected.incidents.values()) > 0
     for mode in ("live", "backlog"):
         args = argparse.Namespace(mode=mode, rate=400.0, partitions=1)
         (tmp_path / mode).mkdir()
@@ -75,4 +76,7 @@ async def test_the_service_replaying_history_publishes_what_the_offline_replay_f
         for series in corpus:
             np.testing.assert_array_equal(
                 got.published[series.key], expected.published[series.key], err_msg=mode
+            )
+            np.testing.assert_array_equal(
+                got.incidents[series.key], expected.incidents[series.key], err_msg=mode
             )

@@ -13,7 +13,10 @@ from consumer.config import load_config
 from consumer.detector import Detector, DetectorSettings
 from consumer.events import Event
 from producer_sim.nab import (
+    INCIDENTS_NAME,
+    LEAST_SEVERITY,
     PUBLISHED_NAME,
+    Scores,
     Series,
     interleave,
     join_anomalies,
@@ -121,6 +124,29 @@ def test_anomalies_join_back_to_their_rows_by_input_partition_and_offset() -> No
     assert scores.published[b.key].tolist() == [0.0, 1.0]
 
 
+def test_incidents_score_where_they_opened_at_their_source_rate_s_severity() -> None:
+    a, b = corpus()
+    scores = Scores.empty([a, b])
+    records = [
+        # Opened by the anomaly at row 1 (its first one was row 0): scored at row 1.
+        {"source": a.key, "status": "open", "started_at": float(a.ts[0]),
+         "last_anomaly_at": float(a.ts[1]), "source_false_alarm_rate": 1.0},
+        # Updates and resolutions are not detections.
+        {"source": a.key, "status": "update", "last_anomaly_at": float(a.ts[2]),
+         "source_false_alarm_rate": 1e-4},
+        # No source rate: still a detection, below every other.
+        {"source": b.key, "status": "open", "last_anomaly_at": float(b.ts[0]),
+         "source_false_alarm_rate": None},
+        # Not a row of the corpus: counted.
+        {"source": a.key, "status": "open", "last_anomaly_at": float(a.ts[1]) + 1.0},
+        {"source": "cat/c.csv", "status": "open", "last_anomaly_at": float(a.ts[1])},
+    ]  # fmt: skip
+    assert scores.put_incidents([a, b], records) == 2
+    assert scores.incidents[a.key].tolist() == [0.0, 0.5, 0.0]
+    assert scores.incidents[b.key].tolist() == [LEAST_SEVERITY, 0.0]
+    assert scores.of(INCIDENTS_NAME) is scores.incidents
+
+
 @pytest.mark.parametrize(
     ("rate", "expected"),
     [(1e4, 0.0), (1.0, 0.5), (0.01, 0.75), (1e-4, 1.0), (0.0, 1.0), (3e4, 0.0)],
@@ -224,17 +250,23 @@ def test_per_series_counts_windows_found_and_anomalies_outside_after_probation()
     assert per_series([series], {series.key: published}).splitlines()[2] == (
         "| cat/a.csv | 20 | 2 | 1 | 2 | 2 |"
     )
+    # Incidents opened at rows 5, 12 and 15: both windows, one opening outside.
+    opened = np.zeros(rows)
+    opened[[5, 12, 15]] = 0.5
+    assert per_series([series], {series.key: published}, {series.key: opened}).splitlines()[2] == (
+        "| cat/a.csv | 20 | 2 | 1 | 2 | 2 | 2 | 1 |"
+    )
 
 
-def test_the_command_writes_both_offline_variants(tmp_path: Path) -> None:
+def test_the_command_writes_every_offline_variant(tmp_path: Path) -> None:
     write_corpus(tmp_path, n_series=2, rows=1200, seed=4)
     out = tmp_path / "out"
     argv = ["offline", "--nab-dir", str(tmp_path), "--out", str(out), "--no-score", "--no-plots"]
     assert main([*argv, "--", "--min-train", "500"]) == 0
     written = sorted(str(p.relative_to(out / "results")) for p in out.rglob("*.csv"))
     assert written == [
-        "cat0/forestraw_s0.csv", "cat0/published_s0.csv",
-        "cat1/forestraw_s1.csv", "cat1/published_s1.csv",
+        "cat0/forestraw_s0.csv", "cat0/incidents_s0.csv", "cat0/published_s0.csv",
+        "cat1/forestraw_s1.csv", "cat1/incidents_s1.csv", "cat1/published_s1.csv",
     ]  # fmt: skip
 
 
