@@ -41,6 +41,9 @@ def test_flag_beats_environment_beats_default() -> None:
         (["--features", "cpu,cpu"], {}, "--features: names must not repeat"),
         (["--min-train", "100", "--history-size", "50"], {}, "--min-train (100)"),
         (["--output-topic", "metrics"], {}, "must all differ"),
+        # Replay windows of 0.05 x 5 s and 10,000 x 5 s records: neither is 1 to 20,000.
+        (["--replay-events-per-second", "0.05"], {}, "--replay-events-per-second (0.05)"),
+        (["--replay-events-per-second", "1e4"], {}, "--max-batch (20000) records"),
     ],
 )
 def test_bad_values_stop_with_one_line_naming_the_option(
@@ -53,6 +56,12 @@ def test_bad_values_stop_with_one_line_naming_the_option(
     assert message.startswith("anomaly-detector: error:")
     assert needle in message
     assert message.count("\n") == 1
+
+
+def test_replay_windows_hold_rate_x_window_records() -> None:
+    assert load_config([], environ={}).replay_batch_events == 0  # live
+    config = load_config(["--replay-events-per-second", "2000", "--window-seconds", "0.5"], {})
+    assert config.replay_batch_events == 1000
 
 
 def test_every_option_has_a_unique_flag_and_help() -> None:
