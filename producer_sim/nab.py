@@ -4,15 +4,18 @@ A NAB-layout corpus (``data/<category>/<file>.csv`` with ``timestamp,value``,
 ``labels/combined_windows.json``, NAB's ``run.py``) is streamed as a fleet: each file
 is one source with one metric, ``value``, and the series are interleaved by row
 position (round r holds row r of every series that has one, in the corpus's sorted
-order), then cut into batches of ``--rate`` x ``--window-seconds`` events like the
-service's windows at that rate.
+order), and replayed (``--replay-events-per-second --rate``): batches of ``--rate`` x
+``--window-seconds`` events, as the service's replay windows.
 
 - ``offline``: the batches go through the detector's own pure parts
-  (``producer_sim.replay``), with the refit clock advancing one window per batch.
+  (``producer_sim.replay``), with the refit clock advancing one window per batch, and
+  the service's incident tracker.
 - ``live`` (``producer_sim.nab_live``): the events go through the real service on Kafka.
 
 Both write the same NAB result files (``<category>/<NAME>_<file>.csv`` with
-``timestamp,value,anomaly_score,label``) with ``write_results`` and score them with
+``timestamp,value,anomaly_score,label``; NAME ``published``: the published anomalies'
+severities, ``incidents``: the incidents' at their openings, and offline
+``forestraw``: every row's forest score) with ``write_results`` and score them with
 NAB's own scorer. Service options after ``--`` apply to both modes:
 
     python -m producer_sim.nab offline --out nab-out -- --seed 1
@@ -177,7 +180,9 @@ class Scores:
 
     def of(self, name: str) -> dict[str, FloatArray]:
         """The variant a result-file name stands for."""
-        return {RAW_NAME: self.raw, PUBLISHED_NAME: self.published}.get(name, self.incidents)
+        return {RAW_NAME: self.raw, PUBLISHED_NAME: self.published, INCIDENTS_NAME: self.incidents}[
+            name
+        ]
 
     def put_incidents(self, corpus: Sequence[Series], records: Iterable[Mapping[str, Any]]) -> int:
         """Each incident's opening (its record with status ``open``) at the row of the
