@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,13 +148,17 @@ def event_of(series: Series, row: int) -> Event:
 
 
 def batches(
-    corpus: Sequence[Series], order: tuple[IntArray, IntArray], size: int, window_seconds: float
+    corpus: Sequence[Series],
+    order: tuple[IntArray, IntArray],
+    size: int,
+    window_seconds: float,
+    event: Callable[[Series, int], Event] = event_of,
 ) -> Iterator[tuple[float, list[Event]]]:
     """The interleaved events in batches of ``size``; batch b closes at (b + 1) windows."""
     which, rows = order
     for b, lo in enumerate(range(0, len(rows), size)):
         events = [
-            event_of(corpus[s], r)
+            event(corpus[s], r)
             for s, r in zip(which[lo : lo + size], rows[lo : lo + size], strict=True)
         ]
         yield (b + 1) * window_seconds, events

@@ -1,0 +1,145 @@
+"""Would the time of day help on NAB? A probe, not a feature of the service.
+
+Issue 17's contextual anomalies (a jump or a flat stretch inside a daily cycle) are
+invisible to features that compare a point with its source's recent mean. Before a
+time-of-day profile is built into the per-source state, this measures the idea through
+the detector's pure parts as they are, with the NAB evaluation's offline replay
+(``producer_sim.nab``), by handing each NAB series' daily context in as data:
+
+- ``--mode replace``: each value replaced by its difference from the value 24 hours
+  earlier (the first day: from the first value);
+- ``--mode beside``: each source gets a second metric, ``season``, the value less the
+  running mean of its hour of the day (a causal profile: 24 buckets, each an
+  exponentially weighted mean with a half-life of ``--halflife-visits`` visits).
+
+It prints NAB's scores of the published anomalies and the incidents, and the series
+where the daily context matters. ``--no-relation`` drops the relation test (with two
+metrics, the relation between the value and its residual is tested too).
+
+    .venv/bin/python scripts/daily_context_probe.py --mode beside
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from consumer.batch import incident_points
+from consumer.calibration import published_rate
+from consumer.config import load_config
+from consumer.detector import Detector
+from consumer.events import Event
+from consumer.incidents import IncidentTracker
+from consumer.model import Layout
+from consumer.normalize import FloatArray
+from consumer.pipeline import incident_settings, settings_from
+from producer_sim import nab
+from producer_sim.replay import replay
+
+DAY_SECONDS = 86_400.0
+WATCHED = ("jumpsup", "flatmiddle", "nyc_taxi", "ambient", "no_noise", "AAPL", "disk", "rogue")
+
+
+def day_difference(series: nab.Series) -> FloatArray:
+    """Each value less the value exactly a day earlier (the first day: the first value)."""
+    earlier = dict(zip(series.ts.tolist(), series.values.tolist(), strict=True))
+    first = float(series.values[0])
+    return np.array(
+        [
+            v - earlier.get(t - DAY_SECONDS, first)
+            for t, v in zip(series.ts, series.values, strict=True)
+        ]
+    )
+
+
+def hour_residual(series: nab.Series, halflife_visits: float) -> FloatArray:
+    """Each value less its hour of the day's running mean, as it stood before it."""
+    alpha = 1.0 - 0.5 ** (1.0 / halflife_visits)
+    mean = np.full(24, np.nan)
+    out = np.zeros(len(series))
+    for i, (t, v) in enumerate(zip(series.ts, series.values, strict=True)):
+        hour = int((t % DAY_SECONDS) // 3600)
+        if np.isnan(mean[hour]):
+            mean[hour] = v
+            continue
+        out[i] = v - mean[hour]
+        mean[hour] += alpha * (v - mean[hour])
+    return out
+
+
+def run(
+    corpus: Sequence[nab.Series],
+    event_of: Callable[[nab.Series, int], Event],
+    n_features: int,
+    no_relation: bool,
+) -> nab.Scores:
+    """``producer_sim.nab.offline`` with events of ``n_features`` metrics."""
+    config = load_config(["--replay-events-per-second", "2000"], environ={})
+    size = config.replay_batch_events
+    order = nab.interleave([len(s) for s in corpus])
+    detector = Detector(n_features, settings_from(config))
+    if no_relation:
+        detector.layout = Layout(detector.layout.columns, None)
+    names = ("season", nab.METRIC)[-n_features:]
+    tracker = IncidentTracker(incident_settings(config))
+    scores = nab.Scores.empty(corpus)
+    which, rows = order
+    batches = nab.batches(corpus, order, size, config.window_seconds, event_of)
+    for judged in replay(detector, batches, max_held_events=config.max_held_events):
+        lo, verdict = judged.batch * size, judged.verdict
+        for i in range(len(judged.prepared)):
+            s, r = int(which[lo + i]), int(rows[lo + i])
+            rate = published_rate(verdict.source_rates[i])
+            published = nab.severity(rate) if verdict.anomalous[i] else 0.0
+            scores.put(corpus[s].key, r, float(verdict.scores[i]), published)
+        points = incident_points(judged.prepared, verdict, names, tracker.watched)
+        scores.put_incidents(corpus, tracker.track(points, float(judged.prepared.events.ts.max())))
+    return scores
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("replace", "beside"), default="beside")
+    parser.add_argument("--halflife-visits", type=float, default=14.0)
+    parser.add_argument("--no-relation", action="store_true")
+    parser.add_argument("--nab-dir", type=Path, default=nab.ROOT.parent / "shared" / "nab")
+    parser.add_argument("--out", type=Path, default=Path("nab-out/daily-context"))
+    args = parser.parse_args()
+    corpus = nab.load_corpus(args.nab_dir.resolve())
+    if args.mode == "replace":
+        context = {s.key: day_difference(s) for s in corpus}
+
+        def event_of(series: nab.Series, row: int) -> Event:
+            v = float(context[series.key][row])
+            return Event(series.key, float(series.ts[row]), (v,), {nab.METRIC: v})
+
+        scores = run(corpus, event_of, 1, args.no_relation)
+    else:
+        context = {s.key: hour_residual(s, args.halflife_visits) for s in corpus}
+
+        def event_of(series: nab.Series, row: int) -> Event:
+            v, r = float(series.values[row]), float(context[series.key][row])
+            return Event(series.key, float(series.ts[row]), (r, v), {"season": r, nab.METRIC: v})
+
+        scores = run(corpus, event_of, 2, args.no_relation)
+    variants = {
+        f"daily context ({args.mode}): published": (nab.PUBLISHED_NAME, scores),
+        f"daily context ({args.mode}): incidents": (nab.INCIDENTS_NAME, scores),
+    }
+    text = nab.report(corpus, args.nab_dir.resolve(), args.out, variants, sys.executable,
+                      per_category=False)  # fmt: skip
+    lines = text.splitlines()
+    print("\n".join(lines[:4]))
+    shown = [
+        line for line in lines if line.startswith("| series") or any(w in line for w in WATCHED)
+    ]
+    print("\n".join(shown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
