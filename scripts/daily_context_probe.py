@@ -10,7 +10,8 @@ the detector's pure parts as they are, with the NAB evaluation's offline replay
   earlier (the first day: from the first value);
 - ``--mode beside``: each source gets a second metric, ``season``, the value less the
   running mean of its hour of the day (a causal profile: 24 buckets, each an
-  exponentially weighted mean with a half-life of ``--halflife-visits`` visits).
+  exponentially weighted mean with a half-life of ``--halflife-visits`` visits);
+  ``beside-z``: the same in units of the hour's running spread.
 
 It prints NAB's scores of the published anomalies and the incidents, and the series
 where the daily context matters. ``--no-relation`` drops the relation test (with two
@@ -56,18 +57,25 @@ def day_difference(series: nab.Series) -> FloatArray:
     )
 
 
-def hour_residual(series: nab.Series, halflife_visits: float) -> FloatArray:
-    """Each value less its hour of the day's running mean, as it stood before it."""
+def hour_residual(series: nab.Series, halflife_visits: float, scaled: bool) -> FloatArray:
+    """Each value less its hour of the day's running mean, as it stood before it; with
+    ``scaled``, in units of that hour's running spread (0 until the hour has one)."""
     alpha = 1.0 - 0.5 ** (1.0 / halflife_visits)
     mean = np.full(24, np.nan)
+    var = np.zeros(24)
     out = np.zeros(len(series))
     for i, (t, v) in enumerate(zip(series.ts, series.values, strict=True)):
         hour = int((t % DAY_SECONDS) // 3600)
         if np.isnan(mean[hour]):
             mean[hour] = v
             continue
-        out[i] = v - mean[hour]
-        mean[hour] += alpha * (v - mean[hour])
+        d = v - mean[hour]
+        if not scaled:
+            out[i] = d
+        elif var[hour] > 0:
+            out[i] = d / np.sqrt(var[hour])
+        mean[hour] += alpha * d
+        var[hour] = (1 - alpha) * (var[hour] + alpha * d * d)
     return out
 
 
@@ -103,7 +111,7 @@ def run(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("replace", "beside"), default="beside")
+    parser.add_argument("--mode", choices=("replace", "beside", "beside-z"), default="beside")
     parser.add_argument("--halflife-visits", type=float, default=14.0)
     parser.add_argument("--no-relation", action="store_true")
     parser.add_argument("--nab-dir", type=Path, default=nab.ROOT.parent / "shared" / "nab")
@@ -119,7 +127,8 @@ def main() -> int:
 
         scores = run(corpus, event_of, 1, args.no_relation)
     else:
-        context = {s.key: hour_residual(s, args.halflife_visits) for s in corpus}
+        scaled = args.mode == "beside-z"
+        context = {s.key: hour_residual(s, args.halflife_visits, scaled) for s in corpus}
 
         def event_of(series: nab.Series, row: int) -> Event:
             v, r = float(series.values[row]), float(context[series.key][row])
