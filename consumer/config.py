@@ -71,8 +71,8 @@ OPTIONS: tuple[Option, ...] = (
         0.0,
         "replay of history: judge the stream as if it arrived at this many events per "
         "second, however fast it is read (windows of this x --window-seconds records, "
-        "refits on that clock, each awaited), with no limit on the events' age; "
-        "0: live, on the wall clock",
+        "refits on that clock, each awaited), with no limit on the events' age "
+        "(--max-future-seconds still applies); 0: live, on the wall clock",
     ),
     Option(
         "--features",

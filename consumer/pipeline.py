@@ -188,7 +188,8 @@ class Processor:
         self.clock = clock
         self.settings = settings_from(config)
         # Replay of history: events carry old times, so their age is no reason to refuse
-        # them; windows are counted in records and refits follow the records read.
+        # them (a time ahead of the wall clock still is); windows are counted in records
+        # and refits follow the records read.
         self.replay = config.replay_events_per_second > 0
         self.replayed_events = 0
         self.parser = EventParser(
@@ -197,7 +198,7 @@ class Processor:
                 max_message_bytes=config.max_message_bytes,
                 max_metric_abs=config.max_metric_abs,
                 max_event_age_seconds=math.inf if self.replay else config.max_event_age_seconds,
-                max_future_seconds=math.inf if self.replay else config.max_future_seconds,
+                max_future_seconds=config.max_future_seconds,
             ),
         )
         self.windows: WindowBuffer[Record] = (
@@ -332,7 +333,9 @@ class Processor:
         """Replay: refit on the clock of the records read (``--replay-events-per-second``),
         on a history that holds every batch before, and wait for the model before the next
         window, as ``producer_sim.replay`` does: a history is judged alike however fast
-        it is read, and whatever the fits cost."""
+        it is read, and whatever the fits cost. The loop's lock is held meanwhile, so a
+        revocation waits for the fit (seconds; the group's max.poll.interval.ms is
+        minutes)."""
         self.replayed_events += records
         detector = self.detector
         if detector is None:
@@ -497,7 +500,10 @@ class Processor:
         detector.install(model)
         # Later fits get later versions, and come as they would after that fit.
         detector.versions_fitted = max(detector.versions_fitted, model.version)
-        detector.schedule.restored(model.fitted_at, detector.history)
+        # Replay refits on its own clock (records read), which a snapshot's wall-clock
+        # fit time would put forever in the future: the next fit counts from now.
+        restored_at = self._refit_clock() if self.replay else model.fitted_at
+        detector.schedule.restored(restored_at, detector.history)
         self.observer.model_restored(model, found.size_bytes)
         logger.info(
             "model version %d taken from %s (fitted %s on %d events): judging at once",

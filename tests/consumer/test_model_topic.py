@@ -127,6 +127,24 @@ async def test_a_snapshot_judges_the_first_batch_with_no_hold() -> None:
     await stop(loop)
 
 
+async def test_a_replay_refits_after_a_snapshot_on_its_own_clock() -> None:
+    """The snapshot's fit time is wall-clock time; a replay's refit clock is the records
+    read over --replay-events-per-second (here one second per 30 records). Read against
+    the wall-clock fit time, the replay's next fit would never come."""
+    loop = await make_loop(
+        "--false-alarm-rate", "1", "--replay-events-per-second", "30", "--refit-seconds", "1",
+        "--min-train", "40", snapshot=found(fitted()),
+    )  # fmt: skip
+    loop.consumer.add(P0, 30)
+    loop.consumer.add(P1, 30)
+    loop.start()
+    await loop.until(lambda: metric(loop, "model_fits_total", result="ok") == 1, "a refit")
+    await loop.until(lambda: loop.delivery.committed == {P0: 30, P1: 30}, "the commits")
+    assert metric(loop, "model_restored_version") == 7
+    assert metric(loop, "model_version") == 8
+    await stop(loop)
+
+
 @pytest.mark.parametrize(
     ("snapshot", "extra"),
     [
