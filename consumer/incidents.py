@@ -14,8 +14,9 @@ after the open at the soonest, each later one twice as long after the one before
 a long incident yields a handful of records. It resolves once the source has sent
 ``quiet_events`` normal events and ``quiet_seconds`` of event time have passed since
 its last anomaly, or when the source has been silent for ``silent_seconds`` of stream
-time (the newest event time seen; a source is seen at the stream time of its events,
-so one on a clock of its own is not silent while it reports).
+time (the newest event time seen, at most a minute past the clock; a source is seen at
+the stream time of its events, so one on a clock of its own is not silent while it
+reports).
 
 Pure and single-threaded: the service runs ``track`` in its scoring thread with the
 batch it has just judged. Incident ids are deterministic (source and start time), so a
@@ -27,12 +28,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
 from consumer.calibration import published_rate
+from consumer.state import STREAM_AHEAD_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +181,14 @@ def incident_id(source: str, started_at: float) -> str:
 class IncidentTracker:
     """Open incidents and pending anomalies per source."""
 
-    def __init__(self, settings: IncidentSettings = IncidentSettings()) -> None:
+    def __init__(
+        self,
+        settings: IncidentSettings = IncidentSettings(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
+        # Caps the stream's time, as ``StateTracker`` does (``STREAM_AHEAD_SECONDS``).
+        self.clock = clock
         self.open: dict[str, Incident] = {}
         self._pending: dict[str, _Pending] = {}
         self._last_seen: dict[str, float] = {}
@@ -194,13 +203,15 @@ class IncidentTracker:
         self, points: Sequence[Point], stream_ts: float | None = None
     ) -> list[dict[str, Any]]:
         """Fold a judged batch in (its events in arrival order; ``stream_ts``, the newest
-        event time of the batch); the records of every state change it caused, in order."""
+        event time of the batch); the records of every state change it caused, in order.
+        The stream's time is at most ``STREAM_AHEAD_SECONDS`` past the clock."""
         out: list[dict[str, Any]] = []
-        if stream_ts is not None and stream_ts > self.stream_ts:
-            self.stream_ts = stream_ts
+        # An event stamped in the future would make every other source look silent.
+        ahead = self.clock() + STREAM_AHEAD_SECONDS
+        if stream_ts is not None:
+            self.stream_ts = max(self.stream_ts, min(stream_ts, ahead))
         for point in points:
-            if point.ts > self.stream_ts:
-                self.stream_ts = point.ts
+            self.stream_ts = max(self.stream_ts, min(point.ts, ahead))
             if point.anomalous:
                 self._anomaly(point, out)
             elif point.source in self.open or point.source in self._pending:

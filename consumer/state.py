@@ -20,7 +20,7 @@ optional in format 2: absent, or null, until the source has been judged.
 ``offset`` is the input offset the record reflects: the last offset of that input
 partition in the batch. The records go out in the batch's own ``deliver`` call, so they
 are acknowledged before the batch's offsets are committed (in exactly-once mode, in the
-same transaction). A source silent for ``--state-ttl-seconds`` of event time gets a
+same transaction). A source silent for ``--state-ttl-seconds`` of stream time gets a
 tombstone (key, no value), which always applies.
 
 Restoring a partition reads its changelog partition to the end and keeps, per source,
@@ -51,7 +51,7 @@ _READABLE_VERSIONS = (1, 2)
 # The stream's time (the newest event time) decides which sources are silent; an event
 # stamped in the future (allowed up to --max-future-seconds, a day by default) would
 # make every other source look silent that long. It counts as at most this far ahead.
-_STREAM_AHEAD_SECONDS = 60.0
+STREAM_AHEAD_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -198,9 +198,7 @@ class StateTracker:
         if not len(sources) == len(partitions) == len(ts):
             raise ValueError("touch needs one partition and one ts per source")
         newest = max(self.stream_ts, max(ts)) if len(ts) else self.stream_ts
-        self.stream_ts = now = min(
-            newest, max(self.stream_ts, self.clock() + _STREAM_AHEAD_SECONDS)
-        )
+        self.stream_ts = now = min(newest, max(self.stream_ts, self.clock() + STREAM_AHEAD_SECONDS))
         where = self.where
         for source, partition in dict(zip(sources, partitions, strict=True)).items():
             where[source] = (partition, now)

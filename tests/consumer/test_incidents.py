@@ -133,6 +133,16 @@ def test_a_source_on_an_old_clock_is_not_silent_while_it_reports() -> None:
     assert (resolved["source"], resolved["status"]) == ("a", "resolved")
 
 
+def test_an_event_from_the_future_does_not_silence_the_fleet() -> None:
+    """A source whose clock is far ahead moves the stream's time at most a minute past
+    the wall clock, so the others' incidents stay open while they report."""
+    tracker = IncidentTracker(SETTINGS, clock=lambda: 1000.0)
+    tracker.track(points("1000X"))
+    assert tracker.track(points("1000000.", "ahead")) == []
+    assert tracker.stream_ts == 1060.0
+    assert "a" in tracker.open
+
+
 def test_a_restored_incident_resolves_once_its_source_is_silent_after_the_restore() -> None:
     (opened,) = IncidentTracker(SETTINGS).track(points("0X"))
     tracker = IncidentTracker(SETTINGS)
