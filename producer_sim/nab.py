@@ -231,6 +231,8 @@ def offline(corpus: Sequence[Series], config: Config) -> Scores:
     order = interleave([len(s) for s in corpus])
     detector = Detector(1, settings_from(config))
     incidents = IncidentTracker(incident_settings(config))
+    # The z-scores' names, as the service gives them to the incidents (none on raw values).
+    names = (METRIC,) if detector.settings.normalize else None
     scores = Scores.empty(corpus)
     which, rows = order
     # Batches come in stream order (the held ones at the drain, as in the service).
@@ -247,7 +249,7 @@ def offline(corpus: Sequence[Series], config: Config) -> Scores:
                 severity(published_rate(verdict.source_rates[i])) if verdict.anomalous[i] else 0.0
             )
             scores.put(corpus[s].key, r, float(verdict.scores[i]), published)
-        points = incident_points(judged.prepared, verdict, (METRIC,), incidents.watched)
+        points = incident_points(judged.prepared, verdict, names, incidents.watched)
         stream_ts = float(judged.prepared.events.ts.max())
         if scores.put_incidents(corpus, incidents.track(points, stream_ts)):
             raise AssertionError("an incident opened on a row that was not replayed")
