@@ -8,6 +8,10 @@ the detector's pure parts as they are, with the NAB evaluation's offline replay
 
 - ``--mode replace``: each value replaced by its difference from the value 24 hours
   earlier (the first day: from the first value);
+- ``--mode cycle``: the same, only for the series whose first 15% (at least two days)
+  shows a daily cycle: the hour of the day explains at least ``--cycle-share`` of
+  their variance; the others keep their values; ``cycle-hour``: those series' values
+  less their hour of the day's running mean instead;
 - ``--mode beside``: each source gets a second metric, ``season``, the value less the
   running mean of its hour of the day (a causal profile: 24 buckets, each an
   exponentially weighted mean with a half-life of ``--halflife-visits`` visits);
@@ -79,6 +83,23 @@ def hour_residual(series: nab.Series, halflife_visits: float, scaled: bool) -> F
     return out
 
 
+def daily_share(series: nab.Series) -> float:
+    """The share of the variance of NAB's probationary first 15% (at least two days)
+    that the hour of the day explains: 1 for a noise-free daily cycle, about 0 for none."""
+    head = max(
+        int(0.15 * len(series)), int(np.searchsorted(series.ts, series.ts[0] + 2 * DAY_SECONDS))
+    )
+    values, ts = series.values[:head], series.ts[:head]
+    total = float(values.var())
+    if total == 0:
+        return 0.0
+    hours = ((ts % DAY_SECONDS) // 3600).astype(int)
+    within = sum(
+        float(values[hours == h].var()) * int((hours == h).sum()) for h in set(hours.tolist())
+    )
+    return 1.0 - within / (total * len(values))
+
+
 def run(
     corpus: Sequence[nab.Series],
     event_of: Callable[[nab.Series, int], Event],
@@ -111,15 +132,27 @@ def run(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("replace", "beside", "beside-z"), default="beside")
+    parser.add_argument(
+        "--mode", choices=("replace", "cycle", "cycle-hour", "beside", "beside-z"), default="beside"
+    )
+    parser.add_argument("--cycle-share", type=float, default=0.5)
     parser.add_argument("--halflife-visits", type=float, default=14.0)
     parser.add_argument("--no-relation", action="store_true")
     parser.add_argument("--nab-dir", type=Path, default=nab.ROOT.parent / "shared" / "nab")
     parser.add_argument("--out", type=Path, default=Path("nab-out/daily-context"))
     args = parser.parse_args()
     corpus = nab.load_corpus(args.nab_dir.resolve())
-    if args.mode == "replace":
-        context = {s.key: day_difference(s) for s in corpus}
+    if args.mode in ("replace", "cycle", "cycle-hour"):
+        if args.mode == "cycle-hour":
+            context = {s.key: hour_residual(s, args.halflife_visits, False) for s in corpus}
+        else:
+            context = {s.key: day_difference(s) for s in corpus}
+        if args.mode != "replace":
+            for s in corpus:
+                share = daily_share(s)
+                if share < args.cycle_share:
+                    context[s.key] = s.values
+                print(f"{s.key}: daily share {share:.2f}")
 
         def event_of(series: nab.Series, row: int) -> Event:
             v = float(context[series.key][row])
