@@ -207,7 +207,8 @@ class Finisher:
             verdict,
             detected_at=time.time(),
         )
-        return prepared, verdict, messages, self._track(prepared, verdict), state
+        incidents = self._track(prepared, verdict, work.event_records)
+        return prepared, verdict, messages, incidents, state
 
     def state_messages(self, detector: Detector, work: Work) -> list[Message]:
         """Scoring thread, under the state lock: the changelog records of a batch that
@@ -223,11 +224,17 @@ class Finisher:
             work.events.ts.tolist(),
         )
 
-    def _track(self, prepared: Prepared, verdict: Verdict) -> list[dict[str, Any]]:
-        """Scoring thread: fold the judged batch into the incidents."""
+    def _track(
+        self, prepared: Prepared, verdict: Verdict, records: Sequence[Record]
+    ) -> list[dict[str, Any]]:
+        """Scoring thread: fold the judged batch (``records``: its events' input records)
+        into the incidents."""
         if not len(prepared.events):
             return []
-        points = incident_points(prepared, verdict, self.features, self.incidents.watched)
+        partitions = [r.partition for r in records]
+        points = incident_points(
+            prepared, verdict, self.features, self.incidents.watched, partitions
+        )
         return self.incidents.track(points, stream_ts=float(prepared.events.ts.max()))
 
 
@@ -236,9 +243,11 @@ def incident_points(
     verdict: Verdict,
     names: Sequence[str] | None,
     watched: AbstractSet[str],
+    partitions: Sequence[int] | None = None,
 ) -> list[Point]:
     """A judged batch as ``IncidentTracker.track`` takes it: only events of sources with
-    an anomaly now or an incident (or pending anomalies) matter (``followed``)."""
+    an anomaly now or an incident (or pending anomalies) matter (``followed``);
+    ``partitions``, each event's input partition, when known."""
     events = prepared.events
     anomalous = verdict.anomalous
     sources, ts = events.sources, events.ts
@@ -250,9 +259,10 @@ def incident_points(
             if names is not None:
                 row = prepared.features[i, : len(names)].round(3).tolist()
                 zscores = dict(zip(names, row, strict=True))
+            partition = None if partitions is None else partitions[i]
             points.append(Point(source, t, True, float(verdict.scores[i]),
                                 float(verdict.false_alarm_rates[i]), zscores,
-                                float(verdict.source_rates[i])))  # fmt: skip
+                                float(verdict.source_rates[i]), partition))  # fmt: skip
         else:
             points.append(Point(source, t, False))
     return points

@@ -80,6 +80,8 @@ class Point:
     zscores: Mapping[str, float] | None = None
     # The same, read against its source's own alarms (``consumer.calibration``).
     source_rate: float = math.inf
+    # The input partition the event came from (None when unknown).
+    partition: int | None = None
 
     @property
     def largest_z(self) -> float:
@@ -109,10 +111,14 @@ class Incident:
     resolved_at: float | None = None
     # The lowest source rate of its anomalies: how rare its worst is for its source.
     source_rate: float = math.inf
+    # The input partition of its latest anomaly: which instance owns the incident.
+    partition: int | None = None
 
     def take(self, point: Point) -> None:
         self.anomalies += 1
         self.source_rate = min(self.source_rate, point.source_rate)
+        if point.partition is not None:
+            self.partition = point.partition
         self.last_anomaly_at = max(self.last_anomaly_at, point.ts)
         self.quiet_events = 0
         if point.key > self.peak.key:
@@ -143,6 +149,7 @@ class Incident:
             },
             "top_metric": top,
             "open_incidents": open_incidents,
+            "input_partition": self.partition,
         }
 
 
@@ -224,9 +231,14 @@ class IncidentTracker:
         self._resolve_silent(out)
         return out
 
-    def restore(self, records: Iterable[Mapping[str, Any]]) -> int:
+    def restore(
+        self, records: Iterable[Mapping[str, Any]], partitions: AbstractSet[int] | None = None
+    ) -> int:
         """Start again from the incidents topic's records (the latest record per source
-        wins): what is open there is open here; how many are open."""
+        wins): what is open there is open here; how many are open. With ``partitions``
+        (this instance's input partitions), an incident whose ``input_partition`` is
+        another's stays with that instance: taken here, it would be resolved here as
+        silent while its source reports elsewhere. A record with no partition is taken."""
         self.open.clear()
         self._pending.clear()
         self._last_seen.clear()
@@ -234,7 +246,9 @@ class IncidentTracker:
         for record in records:
             latest[record["source"]] = record
         for source, record in latest.items():
-            if record["status"] == RESOLVED:
+            partition = record.get("input_partition")
+            theirs = partitions is not None and partition not in (None, *partitions)
+            if record["status"] == RESOLVED or theirs:
                 self.open.pop(source, None)
                 continue
             peak = record["peak"]
@@ -257,6 +271,7 @@ class IncidentTracker:
                 update_gap_seconds=gap,
                 updated_anomalies=record["anomalies"],
                 source_rate=_rate(record.get("source_false_alarm_rate")),
+                partition=record.get("input_partition"),
             )
         return len(self.open)
 

@@ -415,7 +415,7 @@ class Processor:
         if self.read_incidents is None:
             return
         records = await self.read_incidents()
-        open_now = self.incidents.restore(records)
+        open_now = self.incidents.restore(records, {tp.partition for tp in assigned})
         self.observer.incidents([], open_now)
         if open_now:
             logger.info("%d open incident(s) taken back from the incidents topic", open_now)

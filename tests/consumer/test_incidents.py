@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from consumer.incidents import IncidentSettings, IncidentTracker, Point, incident_id
@@ -97,6 +99,7 @@ def test_a_record_carries_the_peak_and_the_metric_most_off() -> None:
         },
         "top_metric": "cpu",
         "open_incidents": 1,
+        "input_partition": None,  # not known to these points
     }
 
 
@@ -171,6 +174,24 @@ def test_a_restored_incident_keeps_its_lowest_source_rate() -> None:
     (update,) = tracker.track([Point("a", 14.0, True, 0.5, 1.0, None, source_rate=5.0)])
     (again,) = tracker.track(points("36A"))  # rarer: 2/37
     assert [r["source_false_alarm_rate"] for r in (opened, update, again)] == [0.5, 0.5, 0.0541]
+
+
+def test_only_the_incidents_of_this_instance_s_partitions_are_restored() -> None:
+    """Each record names its source's input partition; an instance takes back the open
+    incidents of the partitions it was given. Another instance's would be resolved
+    here as silent while their sources report there. A record with no partition (one
+    written before the field existed) is taken back."""
+    records = []
+    for source, partition in (("p0", 0), ("p1", 1), ("old", None)):
+        tracker = IncidentTracker(SETTINGS)
+        script = [dataclasses.replace(p, partition=partition) for p in points("0X", source)]
+        (opened,) = tracker.track(script)
+        assert opened["input_partition"] == partition
+        records.append(opened)
+    tracker = IncidentTracker(SETTINGS)
+    assert tracker.restore(records, partitions={0, 2}) == 2
+    assert set(tracker.open) == {"p0", "old"}
+    assert IncidentTracker(SETTINGS).restore(records) == 3  # no filter
 
 
 def test_a_resolved_incident_is_not_restored() -> None:

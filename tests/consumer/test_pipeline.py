@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from consumer.config import load_config
 from consumer.http import Health
+from consumer.incidents import IncidentTracker, Point
 from consumer.kafka_io import Fenced, Message
 from consumer.messages import Record
 from consumer.metrics import DetectorMetrics
@@ -285,6 +286,24 @@ async def test_invalid_records_are_dead_lettered_with_the_batch() -> None:
     (dead,) = loop.delivery.calls[-1].messages
     assert dict(dead.headers)["dlq.reason"] == b"not_json"
     await stop(loop)
+
+
+async def test_an_assignment_takes_back_only_its_partitions_open_incidents() -> None:
+    loop = await make_loop()
+    tracker = IncidentTracker()
+    records = []
+    for source, partition in (("mine", P1.partition), ("theirs", 7)):
+        (opened,) = tracker.track([Point(source, 1.0, True, 0.9, 0.0, {"x": 12.0},
+                                         partition=partition)])  # fmt: skip
+        records.append(opened)
+
+    async def read() -> list[dict[str, object]]:
+        return records
+
+    loop.processor.read_incidents = read
+    await loop.processor.listener.on_partitions_assigned({P0, P1})
+    assert set(loop.processor.incidents.open) == {"mine"}
+    await loop.processor.refitter.stop()
 
 
 async def test_a_failure_taking_back_state_at_assignment_stops_the_loop() -> None:

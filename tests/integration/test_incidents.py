@@ -220,6 +220,8 @@ async def test_an_episode_is_one_incident_and_one_alert_that_fires_then_resolves
     assert mine[-1]["anomalies"] >= 40
     assert mine[-1]["top_metric"] == "cpu"
     assert mine[-1]["peak"]["zscores"]["cpu"] > 3
+    # The input partition of the source's events: which instance owns the incident.
+    assert {r["input_partition"] for r in mine} in ({0}, {1})
     assert [r for r in records if r["source"] != SHIFTED] == []
 
     (alert,) = seen_firing
