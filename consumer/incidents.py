@@ -247,7 +247,9 @@ class IncidentTracker:
             latest[record["source"]] = record
         for source, record in latest.items():
             partition = record.get("input_partition")
-            theirs = partitions is not None and partition not in (None, *partitions)
+            theirs = (
+                partitions is not None and partition is not None and partition not in partitions
+            )
             if record["status"] == RESOLVED or theirs:
                 self.open.pop(source, None)
                 continue
