@@ -108,6 +108,13 @@ async def test_exactly_once_survives_repeated_kill_9_without_duplicates(
         positions = await producing
         last = detector(tmp_path, "last", kafka, topics, group, *eos).start()
         procs.append(last)
+
+        # The killed runs may have committed everything already: without this, the
+        # SIGTERM below once reached the last run while it was still importing.
+        async def last_assigned() -> bool:
+            return (last.metric("anomaly_detector_assigned_partitions") or 0) > 0
+
+        await eventually(last_assigned, timeout_seconds=90, what="the last run's partitions")
         await wait_all_committed(kafka.bootstrap_servers, group, topics[0], timeout_seconds=120)
         assert last.terminate() == 0
         assert "Traceback" not in last.log()
