@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -231,9 +231,8 @@ class Finisher:
         into the incidents."""
         if not len(prepared.events):
             return []
-        partitions = [r.partition for r in records]
         points = incident_points(
-            prepared, verdict, self.features, self.incidents.watched, partitions
+            prepared, verdict, self.features, self.incidents.watched, lambda i: records[i].partition
         )
         return self.incidents.track(points, stream_ts=float(prepared.events.ts.max()))
 
@@ -243,11 +242,12 @@ def incident_points(
     verdict: Verdict,
     names: Sequence[str] | None,
     watched: AbstractSet[str],
-    partitions: Sequence[int] | None = None,
+    partition_of: Callable[[int], int] | None = None,
 ) -> list[Point]:
     """A judged batch as ``IncidentTracker.track`` takes it: only events of sources with
     an anomaly now or an incident (or pending anomalies) matter (``followed``);
-    ``partitions``, each event's input partition, when known."""
+    ``partition_of(i)``, event i's input partition, when known (asked of anomalies
+    only: a list of every event's partition cost a Python loop over the batch)."""
     events = prepared.events
     anomalous = verdict.anomalous
     sources, ts = events.sources, events.ts
@@ -259,7 +259,7 @@ def incident_points(
             if names is not None:
                 row = prepared.features[i, : len(names)].round(3).tolist()
                 zscores = dict(zip(names, row, strict=True))
-            partition = None if partitions is None else partitions[i]
+            partition = None if partition_of is None else partition_of(i)
             points.append(Point(source, t, True, float(verdict.scores[i]),
                                 float(verdict.false_alarm_rates[i]), zscores,
                                 float(verdict.source_rates[i]), partition))  # fmt: skip

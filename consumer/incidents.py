@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consumer.calibration import published_rate
-from consumer.state import STREAM_AHEAD_SECONDS
+from consumer.state import stream_time
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class IncidentTracker:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        # Caps the stream's time, as ``StateTracker`` does (``STREAM_AHEAD_SECONDS``).
+        # Caps the stream's time, as ``StateTracker`` does (``stream_time``).
         self.clock = clock
         self.open: dict[str, Incident] = {}
         self._pending: dict[str, _Pending] = {}
@@ -211,14 +211,14 @@ class IncidentTracker:
     ) -> list[dict[str, Any]]:
         """Fold a judged batch in (its events in arrival order; ``stream_ts``, the newest
         event time of the batch); the records of every state change it caused, in order.
-        The stream's time is at most ``STREAM_AHEAD_SECONDS`` past the clock."""
+        The stream's time is at most a minute past the clock (``stream_time``)."""
         out: list[dict[str, Any]] = []
         # An event stamped in the future would make every other source look silent.
-        ahead = self.clock() + STREAM_AHEAD_SECONDS
+        now = self.clock()
         if stream_ts is not None:
-            self.stream_ts = max(self.stream_ts, min(stream_ts, ahead))
+            self.stream_ts = stream_time(self.stream_ts, stream_ts, now)
         for point in points:
-            self.stream_ts = max(self.stream_ts, min(point.ts, ahead))
+            self.stream_ts = stream_time(self.stream_ts, point.ts, now)
             if point.anomalous:
                 self._anomaly(point, out)
             elif point.source in self.open or point.source in self._pending:

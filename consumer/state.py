@@ -54,6 +54,12 @@ _READABLE_VERSIONS = (1, 2)
 STREAM_AHEAD_SECONDS = 60.0
 
 
+def stream_time(current: float, newest: float, now: float) -> float:
+    """The stream's time after events up to ``newest``: it never goes back, and moves
+    at most ``STREAM_AHEAD_SECONDS`` past the clock (``now``)."""
+    return max(current, min(newest, now + STREAM_AHEAD_SECONDS))
+
+
 @dataclass(frozen=True)
 class SourceState:
     """One source's statistics as the changelog carries them."""
@@ -197,8 +203,9 @@ class StateTracker:
         an event (thread time, 300 sources)."""
         if not len(sources) == len(partitions) == len(ts):
             raise ValueError("touch needs one partition and one ts per source")
-        newest = max(self.stream_ts, max(ts)) if len(ts) else self.stream_ts
-        self.stream_ts = now = min(newest, max(self.stream_ts, self.clock() + STREAM_AHEAD_SECONDS))
+        if len(ts):
+            self.stream_ts = stream_time(self.stream_ts, max(ts), self.clock())
+        now = self.stream_ts
         where = self.where
         for source, partition in dict(zip(sources, partitions, strict=True)).items():
             where[source] = (partition, now)
