@@ -223,22 +223,31 @@ def severity(source_rate: float) -> float:
     return float(np.clip(np.log10(PER_EVENTS / max(source_rate, 1e-300)) / 8.0, 0.0, 1.0))
 
 
-def offline(corpus: Sequence[Series], config: Config) -> Scores:
+def offline(
+    corpus: Sequence[Series],
+    config: Config,
+    event: Callable[[Series, int], Event] = event_of,
+    metrics: Sequence[str] = (METRIC,),
+    detector: Detector | None = None,
+) -> Scores:
     """Every row's scores from the detector's pure parts, batch by batch as the service
     replays them (``--replay-events-per-second``: batches of ``replay_batch_events``, the
-    refit clock one window per batch)."""
+    refit clock one window per batch). ``event`` makes a row's event, of ``metrics`` (a
+    probe of other inputs: ``scripts/daily_context_probe.py``), judged by ``detector``
+    (by default one made from ``config``)."""
     size = config.replay_batch_events
     order = interleave([len(s) for s in corpus])
-    detector = Detector(1, settings_from(config))
+    if detector is None:
+        detector = Detector(len(metrics), settings_from(config))
     incidents = IncidentTracker(incident_settings(config))
     # The z-scores' names, as the service gives them to the incidents (none on raw values).
-    names = (METRIC,) if detector.settings.normalize else None
+    names = tuple(metrics) if detector.settings.normalize else None
     scores = Scores.empty(corpus)
     which, rows = order
     # Batches come in stream order (the held ones at the drain, as in the service).
     for judged in replay(
         detector,
-        batches(corpus, order, size, config.window_seconds),
+        batches(corpus, order, size, config.window_seconds, event),
         max_held_events=config.max_held_events,
     ):
         lo = judged.batch * size

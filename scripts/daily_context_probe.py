@@ -33,17 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from consumer.batch import incident_points
-from consumer.calibration import published_rate
 from consumer.config import load_config
 from consumer.detector import Detector
 from consumer.events import Event
-from consumer.incidents import IncidentTracker
 from consumer.model import Layout
 from consumer.normalize import FloatArray
-from consumer.pipeline import incident_settings, settings_from
+from consumer.pipeline import settings_from
 from producer_sim import nab
-from producer_sim.replay import replay
 
 DAY_SECONDS = 86_400.0
 WATCHED = ("jumpsup", "flatmiddle", "nyc_taxi", "ambient", "no_noise", "AAPL", "disk", "rogue")
@@ -103,31 +99,15 @@ def daily_share(series: nab.Series) -> float:
 def run(
     corpus: Sequence[nab.Series],
     event_of: Callable[[nab.Series, int], Event],
-    n_features: int,
+    metrics: tuple[str, ...],
     no_relation: bool,
 ) -> nab.Scores:
-    """``producer_sim.nab.offline`` with events of ``n_features`` metrics."""
+    """The NAB evaluation's offline replay with events of ``metrics``."""
     config = load_config(["--replay-events-per-second", "2000"], environ={})
-    size = config.replay_batch_events
-    order = nab.interleave([len(s) for s in corpus])
-    detector = Detector(n_features, settings_from(config))
+    detector = Detector(len(metrics), settings_from(config))
     if no_relation:
         detector.layout = Layout(detector.layout.columns, None)
-    names = ("season", nab.METRIC)[-n_features:]
-    tracker = IncidentTracker(incident_settings(config))
-    scores = nab.Scores.empty(corpus)
-    which, rows = order
-    batches = nab.batches(corpus, order, size, config.window_seconds, event_of)
-    for judged in replay(detector, batches, max_held_events=config.max_held_events):
-        lo, verdict = judged.batch * size, judged.verdict
-        for i in range(len(judged.prepared)):
-            s, r = int(which[lo + i]), int(rows[lo + i])
-            rate = published_rate(verdict.source_rates[i])
-            published = nab.severity(rate) if verdict.anomalous[i] else 0.0
-            scores.put(corpus[s].key, r, float(verdict.scores[i]), published)
-        points = incident_points(judged.prepared, verdict, names, tracker.watched)
-        scores.put_incidents(corpus, tracker.track(points, float(judged.prepared.events.ts.max())))
-    return scores
+    return nab.offline(corpus, config, event_of, metrics, detector)
 
 
 def main() -> int:
@@ -158,7 +138,7 @@ def main() -> int:
             v = float(context[series.key][row])
             return Event(series.key, float(series.ts[row]), (v,), {nab.METRIC: v})
 
-        scores = run(corpus, event_of, 1, args.no_relation)
+        scores = run(corpus, event_of, (nab.METRIC,), args.no_relation)
     else:
         scaled = args.mode == "beside-z"
         context = {s.key: hour_residual(s, args.halflife_visits, scaled) for s in corpus}
@@ -167,7 +147,7 @@ def main() -> int:
             v, r = float(series.values[row]), float(context[series.key][row])
             return Event(series.key, float(series.ts[row]), (r, v), {"season": r, nab.METRIC: v})
 
-        scores = run(corpus, event_of, 2, args.no_relation)
+        scores = run(corpus, event_of, ("season", nab.METRIC), args.no_relation)
     variants = {
         f"daily context ({args.mode}): published": (nab.PUBLISHED_NAME, scores),
         f"daily context ({args.mode}): incidents": (nab.INCIDENTS_NAME, scores),
