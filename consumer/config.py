@@ -41,6 +41,13 @@ def score_threshold(raw: str) -> float | None:
     return number(minimum=0.0, exclusive_min=True, maximum=1.0)(raw)
 
 
+def cycle_share(raw: str) -> float | None:
+    """``off`` or a share in (0, 1]."""
+    if raw.strip().lower() == "off":
+        return None
+    return number(minimum=0.0, exclusive_min=True, maximum=1.0)(raw)
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("--bootstrap-servers", text, "localhost:9092", "Kafka bootstrap servers, host:port[,…]"),
     Option("--input-topic", text, "metrics", "topic the metric events are read from"),
@@ -147,6 +154,14 @@ OPTIONS: tuple[Option, ...] = (
         number(minimum=1.0),
         200.0,
         "half-life, in a source's events, of its running mean and variance",
+    ),
+    Option(
+        "--daily-cycle-share",
+        cycle_share,
+        0.5,
+        "a metric whose hour of the day (event time, UTC) explains at least this share of "
+        "its variance over its source's first two days is judged against its usual for "
+        "the hour; off: never",
     ),
     Option(
         "--warmup-events",
@@ -386,6 +401,7 @@ class Config:
     seed: int
     normalize: str
     norm_halflife_events: float
+    daily_cycle_share: float | None
     warmup_events: int
     max_sources: int
     max_held_events: int

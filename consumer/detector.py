@@ -143,6 +143,10 @@ class DetectorSettings:
     # outranked a quiet source's outlier. 20,000 events is 2.3 days of a source
     # reporting every 10 s: a source noisy last week is trusted again.
     calibration_halflife_events: float = 20_000.0
+    # A metric whose hour of the day explains at least this share of its variance over
+    # its source's first two days is judged on its value less that hour's usual
+    # (``consumer.season``, where the figures are); None: never.
+    cycle_share: float | None = 0.5
     fit: FitParams = field(default_factory=FitParams)
 
 
@@ -158,6 +162,7 @@ class Detector:
             recent_outlier_z=settings.outlier_z,
             max_sources=settings.max_sources,
             enabled=settings.normalize,
+            cycle_share=settings.cycle_share if settings.normalize else None,
         )
         # With normalisation: the largest |z| and the stillness follow the z-scores, and
         # each has its own test beside the forest's score (``FittedModel.judge``), with
@@ -209,9 +214,10 @@ class Detector:
         if not features:
             pending = np.empty((len(rows), 0))
             return Prepared(columns, rows, columns.values, pending, self.normalizer.warmed(rows))
-        return self._prepared(columns, rows, columns.values)
+        return self._prepared(columns, rows)
 
-    def _prepared(self, events: Events, rows: IntArray, values: FloatArray) -> Prepared:
+    def _prepared(self, events: Events, rows: IntArray) -> Prepared:
+        values = self._input(events, rows)
         return Prepared(
             events=events,
             rows=rows,
@@ -219,6 +225,12 @@ class Detector:
             features=self._features(rows, values),
             warmed=self.normalizer.warmed(rows),
         )
+
+    def _input(self, events: Events, rows: IntArray) -> FloatArray:
+        """The values the statistics and the model see: a metric with a daily cycle
+        less its hour's usual (``consumer.season``), the others as they are."""
+        season = self.normalizer.season
+        return events.values if season is None else season.residual(rows, events.ts, events.values)
 
     def score(self, prepared: Prepared, model: FittedModel, *, learn: bool = False) -> Verdict:
         """Score a prepared batch (blocking; read-only unless ``learn``: fine in a
@@ -301,6 +313,12 @@ class Detector:
         """
         far = self.outliers(prepared)
         self.normalizer.update(prepared.rows, prepared.values, ~far)
+        season = self.normalizer.season
+        if season is not None:
+            events = prepared.events
+            started = season.learn(prepared.rows, events.ts, events.values, ~far)
+            # Their input is now the residual: what they learned of the values is moot.
+            self.normalizer.restart(started)
         # Only warmed sources' features mean something.
         self.history.add(prepared.features[prepared.warmed & ~far])
 
@@ -321,18 +339,17 @@ class Detector:
         parts = rounds(prepared.rows, self.events_per_round, self._warming(prepared))
         if len(parts) == 1:
             if prepared.features.shape[1] == 0:  # prepared with features=False
-                prepared = self._prepared(prepared.events, prepared.rows, prepared.values)
+                prepared = self._prepared(prepared.events, prepared.rows)
             self.learn(prepared)
             return prepared
+        values = np.empty_like(prepared.values)
         features = np.empty((len(prepared), self.history.width))
         warmed = np.empty_like(prepared.warmed)
         for idx in parts:
-            part = self._prepared(
-                prepared.events.take(idx), prepared.rows[idx], prepared.values[idx]
-            )
+            part = self._prepared(prepared.events.take(idx), prepared.rows[idx])
             self.learn(part)
-            features[idx], warmed[idx] = part.features, part.warmed
-        return replace(prepared, features=features, warmed=warmed)
+            values[idx], features[idx], warmed[idx] = part.values, part.features, part.warmed
+        return replace(prepared, values=values, features=features, warmed=warmed)
 
     def cold_start_over(self) -> None:
         """After the first model judged the cold-start batches: refit at once, on the

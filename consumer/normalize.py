@@ -21,12 +21,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import repeat
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from consumer.season import HourProfiles, SeasonRows
+from consumer.weighted import ew_fold
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +108,8 @@ class SourceRows:
     still_share: FloatArray
     # The share of its events the fleet-wide rate would flag; NaN for none yet.
     exceedance: FloatArray
+    # The hour-of-day profiles (``consumer.season``); None: none kept.
+    season: SeasonRows | None = None
 
 
 class SourceNormalizer:
@@ -123,6 +128,7 @@ class SourceNormalizer:
         max_sources: int = 100_000,
         enabled: bool = True,
         recent_outlier_z: float = 5.0,
+        cycle_share: float | None = None,
     ) -> None:
         self.n_features = n_features
         self.enabled = enabled
@@ -148,6 +154,12 @@ class SourceNormalizer:
         # Per source: the share of its events the fleet-wide rate would flag
         # (``consumer.calibration``); NaN until it has one.
         self._exceedance = np.full(capacity, np.nan)
+        # Daily cycles (``consumer.season``); None: every value is judged as it is.
+        self.season = (
+            HourProfiles(n_features, capacity, cycle_share=cycle_share)
+            if cycle_share is not None
+            else None
+        )
         self.recent_outlier_z = recent_outlier_z
         self._tick = 0
         self.evicted_total = 0
@@ -357,24 +369,12 @@ class SourceNormalizer:
         x = np.where(judged[:, None], np.clip(values, lo, hi), values)
 
         uniq, inverse = np.unique(idx, return_inverse=True)
-        k = np.bincount(inverse).astype(np.float64)
-        s1 = np.stack([np.bincount(inverse, weights=x[:, j]) for j in range(x.shape[1])], axis=1)
-        s2 = np.stack(
-            [np.bincount(inverse, weights=x[:, j] ** 2) for j in range(x.shape[1])], axis=1
+        count = self._count[uniq]
+        self._mean[uniq], self._var[uniq], k = ew_fold(
+            count, self._mean[uniq], self._var[uniq], inverse, x, self._alpha
         )
-        batch_mean = s1 / k[:, None]
-        batch_var = np.maximum(s2 / k[:, None] - batch_mean**2, 0.0)
-
-        n = self._count[uniq].astype(np.float64)
-        # k events at rate alpha weigh 1-(1-alpha)^k; a young source weighs each of its
-        # events equally (a plain mean) until the exponential weighting takes over.
-        a = np.maximum(1.0 - (1.0 - self._alpha) ** k, k / (n + k))[:, None]
-        old_mean = self._mean[uniq]
-        delta = batch_mean - old_mean
-        self._mean[uniq] = old_mean + a * delta
-        self._var[uniq] = (1.0 - a) * self._var[uniq] + a * batch_var + a * (1.0 - a) * delta**2
-        self._learn_recent(uniq, inverse, n, recent, values, judged)
-        self._count[uniq] += k.astype(np.int64)
+        self._learn_recent(uniq, inverse, count.astype(np.float64), recent, values, judged)
+        self._count[uniq] += k
         self._generation += 1
 
     def _learn_recent(
@@ -446,6 +446,7 @@ class SourceNormalizer:
             spare = self._mean.shape[0] - len(self._names)
         if needed > spare:
             self._evict(needed - spare)
+        rows: list[int] = []
         for source in sources:
             if self._free:
                 row = self._free.pop()
@@ -454,16 +455,25 @@ class SourceNormalizer:
                 row = len(self._names)
                 self._names.append(source)
             self._rows[source] = row
-            self._mean[row] = 0.0
-            self._var[row] = 0.0
-            self._count[row] = 0
-            self._last[row] = 0.0
-            self._move[row] = 0.0
-            self._move_fast[row] = 0.0
-            self._still_share[row] = 0.0
-            self._level[row] = 0.0
-            self._exceedance[row] = np.nan
             self._last_seen[row] = self._tick
+            rows.append(row)
+        self.restart(rows)
+        self._exceedance[rows] = np.nan
+        if self.season is not None:
+            self.season.clear(rows)
+
+    def restart(self, rows: IntArray | list[int]) -> None:
+        """Forget what ``rows`` learned of their values (their input changed: a metric
+        started a daily cycle), keeping their exceedance and hour profiles."""
+        self._generation += 1
+        self._mean[rows] = 0.0
+        self._var[rows] = 0.0
+        self._count[rows] = 0
+        self._last[rows] = 0.0
+        self._move[rows] = 0.0
+        self._move_fast[rows] = 0.0
+        self._still_share[rows] = 0.0
+        self._level[rows] = 0.0
 
     def _grow(self, wanted: int) -> None:
         capacity = min(self.max_sources, max(wanted, 2 * self._mean.shape[0]))
@@ -478,6 +488,8 @@ class SourceNormalizer:
         self._exceedance = np.concatenate([self._exceedance, np.full(extra, np.nan)])
         self._count = np.concatenate([self._count, np.zeros(extra, dtype=np.int64)])
         self._last_seen = np.concatenate([self._last_seen, np.zeros(extra, dtype=np.int64)])
+        if self.season is not None:
+            self.season.grow(capacity)
 
     def _evict(self, needed: int) -> None:
         """Forget the least recently seen sources, never one of the current batch."""
@@ -509,6 +521,8 @@ class SourceNormalizer:
             self._last[idx], self._move[idx], self._move_fast[idx], self._level[idx],
             self._still_share[idx], self._exceedance[idx],
         )  # fmt: skip
+        if self.season is not None:
+            rows = replace(rows, season=self.season.export(idx))
         return kept, rows
 
     def import_rows(self, sources: list[str], rows: SourceRows) -> None:
@@ -536,6 +550,8 @@ class SourceNormalizer:
             self._still_share[idx] = rows.still_share[part]
             self._exceedance[idx] = rows.exceedance[part]
             self._last_seen[idx] = self._tick
+            if self.season is not None:
+                self.season.load(idx, rows.season, part)
 
     def forget(self, sources: list[str]) -> int:
         """Drop ``sources`` from the table (unknown ones are ignored); how many were."""

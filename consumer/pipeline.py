@@ -84,6 +84,7 @@ def settings_from(config: Config) -> DetectorSettings:
         normalize=config.normalize == "per-source",
         halflife_events=config.norm_halflife_events,
         warmup_events=config.warmup_events,
+        cycle_share=config.daily_cycle_share,
         max_sources=config.max_sources,
         history_size=config.history_size,
         min_train=config.min_train,

@@ -178,7 +178,9 @@ async def test_each_fit_is_published_and_decodes_to_the_model_in_use() -> None:
     loop.consumer.add(P1, 30)
     loop.start()
     await loop.until(lambda: len(producer.sent) >= 1, "a snapshot is sent")
-    await loop.until(lambda: metric(loop, "model_snapshots_total", result="ok") == 1, "its ack")
+    # ">= 1": the cold start's end asks for a second fit at once, which may be acked too.
+    acked = lambda: (metric(loop, "model_snapshots_total", result="ok") or 0) >= 1  # noqa: E731
+    await loop.until(acked, "its ack")
     topic, value, key = producer.sent[0]
     assert (topic, key) == ("models", b"group")
     snapshot = decode(value, LAYOUT)
