@@ -28,7 +28,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from bench.kafka import create_topics, delete_topics
 from consumer.normalize import SourceNormalizer
-from consumer.state import Changelog, Restored, SourceState, encode
+from consumer.season import HOURS, OBSERVING
+from consumer.state import Changelog, Restored, Season, SourceState, encode
 from consumer.topic_reader import read_partitions
 
 FEATURES = ("cpu", "mem", "latency_ms", "disk_io")
@@ -38,6 +39,7 @@ async def write(bootstrap: str, topic: str, sources: int, partitions: int) -> in
     rng = np.random.default_rng(7)
     mean = rng.normal(size=(sources, len(FEATURES))) * 100
     var = rng.random((sources, len(FEATURES))) * 10
+    hours = (rng.random((sources, 2, HOURS, len(FEATURES))) * 100).astype("<f4")
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20
     )
@@ -58,7 +60,12 @@ async def write(bootstrap: str, topic: str, sources: int, partitions: int) -> in
                 move_fast=tuple(var[i].tolist()),
                 level=tuple(mean[i].tolist()),
                 still_share=tuple(var[i].tolist()),
-            )
+                # The largest a source's profile gets: still observed (consumer.season).
+                season=Season(
+                    since=1_764_552_000.0, cycle=(OBSERVING,) * len(FEATURES),
+                    visits=tuple(range(10, 10 + HOURS)), hours=hours[i].tobytes(),
+                ),
+            )  # fmt: skip
             key = f"host-{i:06d}".encode()
             value = encode(state)
             written += len(key) + len(value)
@@ -88,7 +95,7 @@ async def restore(bootstrap: str, topic: str, partitions: int, sources: int) -> 
     def load(by_partition: dict[int, dict[str, SourceState]]) -> tuple[int, SourceNormalizer]:
         changelog = Changelog(topic, 86_400.0)
         changelog.features = FEATURES
-        normalizer = SourceNormalizer(len(FEATURES), max_sources=sources)
+        normalizer = SourceNormalizer(len(FEATURES), max_sources=sources, cycle_share=0.5)
         return changelog.load(normalizer, by_partition), normalizer
 
     started = time.perf_counter()

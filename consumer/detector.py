@@ -317,8 +317,9 @@ class Detector:
         if season is not None:
             events = prepared.events
             started = season.learn(prepared.rows, events.ts, events.values, ~far)
-            # Their input is now the residual: what they learned of the values is moot.
-            self.normalizer.restart(started)
+            if len(started):
+                # Their input is now the residual, whose spread the profile knows.
+                self.normalizer.reseed(started, *season.baseline(started))
         # Only warmed sources' features mean something.
         self.history.add(prepared.features[prepared.warmed & ~far])
 

@@ -70,6 +70,12 @@ _STILL_SHARE_LIMIT = 0.05
 _FREE = np.iinfo(np.int64).max
 
 
+def usual_step(var: FloatArray) -> FloatArray:
+    """The mean |step| of independent noise of variance ``var``: 2 / sqrt(pi) sd."""
+    step: FloatArray = 2.0 / np.sqrt(np.pi) * np.sqrt(var)
+    return step
+
+
 def ranks(groups: IntArray) -> IntArray:
     """Each event's rank within its group (source): how many of the group's events
     come before it in the batch."""
@@ -462,9 +468,27 @@ class SourceNormalizer:
         if self.season is not None:
             self.season.clear(rows)
 
+    def reseed(self, rows: IntArray, metrics: BoolArray, mean: FloatArray, var: FloatArray) -> None:
+        """Where ``metrics`` (rows x metrics), the input changed (a daily cycle started):
+        its mean and variance become ``mean`` and ``var``, and its movement that of
+        independent noise of that spread (a mean step of 2 / sqrt(pi) standard
+        deviations), from its mean, at its usual level. The count stays, so the source
+        is judged at once."""
+        self._generation += 1
+        for name, new in (
+            ("_mean", mean),
+            ("_var", var),
+            ("_last", mean),
+            ("_move", usual_step(var)),
+            ("_move_fast", usual_step(var)),
+            ("_level", np.zeros_like(mean)),
+            ("_still_share", np.zeros_like(mean)),
+        ):
+            table = getattr(self, name)
+            table[rows] = np.where(metrics, new, table[rows])
+
     def restart(self, rows: IntArray | list[int]) -> None:
-        """Forget what ``rows`` learned of their values (their input changed: a metric
-        started a daily cycle), keeping their exceedance and hour profiles."""
+        """Forget what ``rows`` learned (new sources' rows)."""
         self._generation += 1
         self._mean[rows] = 0.0
         self._var[rows] = 0.0

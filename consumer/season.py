@@ -148,6 +148,15 @@ class HourProfiles:
         self.mean[idx] = rows.mean[part]
         self.var[idx] = rows.var[part]
 
+    def baseline(self, rows: IntArray) -> tuple[BoolArray, FloatArray, FloatArray]:
+        """Per row, which metrics have a cycle, and for each the mean and variance of
+        its residual as the profile sees them: the mean of the 24 hours' means (the
+        level the residual keeps) and the mean variance within an hour."""
+        mean = self.mean[rows].astype(np.float64).mean(axis=1)
+        var = self.var[rows].astype(np.float64).mean(axis=1)
+        cycle: BoolArray = self.state[rows] == CYCLE
+        return cycle, mean, var
+
     def residual(self, rows: IntArray, ts: FloatArray, values: FloatArray) -> FloatArray:
         """The values the detector sees: a metric with a cycle less its hour's part of
         the cycle (the hour's mean less the mean of the 24), so that it keeps its

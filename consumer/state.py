@@ -50,7 +50,7 @@ import numpy as np
 import orjson
 
 from consumer.kafka_io import Message
-from consumer.normalize import FloatArray, SourceNormalizer, SourceRows
+from consumer.normalize import FloatArray, SourceNormalizer, SourceRows, usual_step
 from consumer.season import HOURS, NO_CYCLE, SeasonRows
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,14 @@ def encode(state: SourceState) -> bytes:
                     "season": {
                         "since": season.since,
                         "cycle": season.cycle,
-                        "visits": season.visits,
-                        "hours": base64.b64encode(season.hours).decode(),
+                        **(
+                            {
+                                "visits": season.visits,
+                                "hours": base64.b64encode(season.hours).decode(),
+                            }
+                            if season.visits
+                            else {}
+                        ),
                     }
                 }
             ),
@@ -356,8 +362,9 @@ def as_rows(states: Sequence[SourceState]) -> SourceRows:
         values = [getattr(s, name) or default(s) for s in states]
         return np.array(values, dtype=np.float64).reshape(n, width)
 
-    def usual_step(s: SourceState) -> list[float]:
-        return [2.0 / math.sqrt(math.pi) * math.sqrt(v) for v in s.var]
+    def usual(s: SourceState) -> list[float]:
+        steps: list[float] = usual_step(np.array(s.var)).tolist()
+        return steps
 
     zeros: Callable[[SourceState], Sequence[float]] = lambda s: (0.0,) * width  # noqa: E731
     count = np.fromiter((s.count for s in states), dtype=np.int64, count=n)
@@ -379,8 +386,8 @@ def as_rows(states: Sequence[SourceState]) -> SourceRows:
         column("mean", zeros),
         column("var", zeros),
         column("last", lambda s: s.mean),
-        column("move", usual_step),
-        column("move_fast", usual_step),
+        column("move", usual),
+        column("move_fast", usual),
         column("level", zeros),
         column("still_share", zeros),
         np.array([np.nan if s.exceedance is None else s.exceedance for s in states]),

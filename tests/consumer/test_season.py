@@ -180,18 +180,27 @@ def learn_days(detector: Detector, days: float, every_seconds: float = 300) -> f
     return float(ts[-1] + every_seconds)
 
 
-def test_a_source_starting_a_cycle_learns_its_statistics_again_on_the_residual() -> None:
-    before = Detector(1)
-    learn_days(before, 1.9)
-    assert before.normalizer.counts(before.normalizer.rows(["taxi"], create=False))[0] > 500
-    after = Detector(1)
-    learn_days(after, 2.2)
-    row = after.normalizer.rows(["taxi"], create=False)
-    season = after.normalizer.season
+def test_a_source_starting_a_cycle_is_judged_at_once_on_statistics_from_its_profile() -> None:
+    detector = Detector(1)
+    learn_days(detector, 1.99)
+    row = detector.normalizer.rows(["taxi"], create=False)
+    _, raw = detector.normalizer.export_rows(["taxi"])
+    # On the raw values the spread is the cycle's: amplitude 20, variance about 200.
+    assert raw.var[0, 0] > 100
+    # The next hour of the wave takes it past two days: the decision.
+    ts = START + 1.99 * DAY_SECONDS + 300 * np.arange(12)
+    values = 50 + 20 * np.sin(2 * np.pi * (ts - START) / DAY_SECONDS)
+    detector.learn_unjudged(detector.prepare(cycle_events(ts, values)))
+    season = detector.normalizer.season
     assert season is not None
     assert season.state[row[0], 0] == CYCLE
-    # Restarted at the decision (2 days), then about 0.2 days of 5-minute events.
-    assert 0 < after.normalizer.counts(row)[0] < 0.3 * DAY_SECONDS / 300
+    _, seeded = detector.normalizer.export_rows(["taxi"])
+    # Still warmed, now around the daily level with the spread within an hour (the
+    # noise, variance 1, and the wave's move within its hour).
+    assert seeded.count[0] > raw.count[0]
+    assert 45 < seeded.mean[0, 0] < 55
+    assert 0.5 < seeded.var[0, 0] < 5
+    assert seeded.still_share[0, 0] == 0.0
 
 
 def test_a_night_as_busy_as_the_day_is_reported_only_with_daily_cycles() -> None:
