@@ -199,14 +199,20 @@ def _season(doc: object) -> Season | None:
     )
 
 
-def season_of(rows: SeasonRows, i: int) -> Season:
-    """Row ``i``'s profile for the changelog."""
-    since = None if math.isnan(t := float(rows.since[i])) else t
-    cycle = tuple(int(c) for c in rows.cycle[i])
-    if all(c == NO_CYCLE for c in cycle):
-        return Season(since, cycle)
-    hours = np.stack([rows.mean[i], rows.var[i]]).astype("<f4").tobytes()
-    return Season(since, cycle, tuple(rows.visits[i].tolist()), hours)
+def seasons(rows: SeasonRows) -> list[Season]:
+    """Each row's profile for the changelog; the arrays converted once for all rows
+    (per row, a record's profile took longer to build than the rest of the record)."""
+    since = [None if math.isnan(t) else t for t in rows.since.tolist()]
+    cycles = [tuple(c) for c in rows.cycle.tolist()]
+    kept = (rows.cycle != NO_CYCLE).any(axis=1).tolist()
+    hours = np.ascontiguousarray(np.stack([rows.mean, rows.var], axis=1), dtype="<f4")
+    visits = rows.visits.tolist()
+    return [
+        Season(since[i], cycles[i], tuple(visits[i]), hours[i].tobytes())
+        if kept[i]
+        else Season(since[i], cycles[i])
+        for i in range(len(cycles))
+    ]
 
 
 def _share(value: object) -> float | None:
@@ -315,6 +321,7 @@ class StateTracker:
         """The changelog records of one batch: each touched source's statistics, stamped
         with the last offset of its partition in the batch, then the tombstones."""
         messages = []
+        profiles = None if stats.season is None else seasons(stats.season)
         for i, source in enumerate(sources):
             partition, ts = self.where[source]
             state = SourceState(
@@ -330,7 +337,7 @@ class StateTracker:
                 level=tuple(stats.level[i].tolist()),
                 still_share=tuple(stats.still_share[i].tolist()),
                 exceedance=None if math.isnan(share := float(stats.exceedance[i])) else share,
-                season=None if stats.season is None else season_of(stats.season, i),
+                season=None if profiles is None else profiles[i],
             )
             messages.append(Message(self.topic, source.encode(), encode(state), [], partition))
         for source, partition in expired:

@@ -22,7 +22,7 @@ from consumer.season import (
     daily_share,
     hours_of,
 )
-from consumer.state import SourceState, as_rows, decode, encode, season_of
+from consumer.state import SourceState, as_rows, decode, encode, seasons
 
 START = 1_396_310_400.0  # 2014-04-01 00:00 UTC
 
@@ -233,7 +233,7 @@ def test_the_changelog_carries_the_profile_and_an_older_record_observes_afresh()
     normalizer = detector.normalizer
     names, rows = normalizer.export_rows(["taxi"])
     assert rows.season is not None
-    season = season_of(rows.season, 0)
+    season = seasons(rows.season)[0]
     assert season.cycle == (CYCLE,)
     assert len(season.visits) == HOURS
     state = SourceState(5, START, ("value",), int(rows.count[0]), (1.0,), (1.0,), season=season)
@@ -265,7 +265,7 @@ def test_a_source_without_a_cycle_writes_no_profile() -> None:
         detector.learn_unjudged(detector.prepare(cycle_events(ts[i : i + 12], noise[i : i + 12])))
     _, rows = detector.normalizer.export_rows(["taxi"])
     assert rows.season is not None
-    season = season_of(rows.season, 0)
+    season = seasons(rows.season)[0]
     assert season.cycle == (NO_CYCLE,)
     assert (season.visits, season.hours) == ((), b"")
     assert len(encode(SourceState(1, START, ("value",), 1, (1.0,), (1.0,), season=season))) < 400
