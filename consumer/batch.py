@@ -250,11 +250,12 @@ def incident_points(
     only: a list of every event's partition cost a Python loop over the batch)."""
     events = prepared.events
     anomalous = verdict.anomalous
-    sources, ts = events.sources, events.ts
+    # Python lists: indexing a numpy array builds a numpy scalar for each event.
+    sources, ts, flags = events.sources, events.ts.tolist(), anomalous.tolist()
     points = []
     for i in followed(sources, anomalous, watched):
-        source, t = sources[i], float(ts[i])
-        if anomalous[i]:
+        source, t = sources[i], ts[i]
+        if flags[i]:
             zscores = None
             if names is not None:
                 row = prepared.features[i, : len(names)].round(3).tolist()
