@@ -19,7 +19,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,10 +40,6 @@ logger = logging.getLogger(__name__)
 # Freeing a window's objects all at once (about 200,000 of them at 20,000 events) held
 # the loop for 15-50 ms; they are freed in slices of this many, yielding in between.
 FREE_SLICE_OBJECTS = 500
-
-
-_topic_partition = attrgetter("topic", "partition")
-_offset = attrgetter("offset")
 
 
 def tp_of(record: Record) -> TopicPartition:
@@ -93,8 +88,9 @@ class Work:
     def offsets(self) -> dict[TopicPartition, int]:
         """Per partition, the offset after the last record: what committing it means."""
         # A partition's records arrive in offset order, so its last one is its highest.
-        records = self.batch.records
-        last = dict(zip(map(_topic_partition, records), map(_offset, records), strict=True))
+        # A comprehension: 0.05 us a record against 0.08 with attrgetter and zip
+        # (20,000 records, thread time).
+        last = {(r.topic, r.partition): r.offset for r in self.batch.records}
         return {TopicPartition(t, p): offset + 1 for (t, p), offset in last.items()}
 
 
