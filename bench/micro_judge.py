@@ -8,7 +8,8 @@ cut into the windows a backlog drain makes: records spread over 8 partitions by
 source, fetched 1,000 at a time from one partition after the other, 20,000 a window.
 Each window is parsed as the loop parses it (``parse_many`` in slices of 500) and
 judged as the scoring thread judges it (``Detector.judge``), with the changelog's
-records of the touched sources.
+records of the touched sources and the incidents' bookkeeping (``incident_points``
+and ``IncidentTracker.track``).
 
 Prints thread CPU time per event of each part, best of ``--repeat`` runs (each on a
 warm detector primed anew). ``--save`` writes every window's verdict, features
@@ -27,11 +28,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import orjson
 
 from bench.detector import warm_detector
 from bench.stream import Fleet, Record, Stream, encoded
+from consumer.batch import incident_points
 from consumer.detector import Detector, DetectorSettings
 from consumer.events import EventParser, Events
+from consumer.incidents import IncidentTracker
 from consumer.state import Changelog
 
 START_TS = 1_796_000_000.0
@@ -62,10 +66,14 @@ def windows(records: list[Record]) -> list[list[bytes]]:
 
 def run(
     parser: EventParser, detector: Detector, batches: list[list[bytes]], now: float
-) -> tuple[float, float, float, dict[str, Any]]:
-    """Thread seconds parsing, judging and writing changelog records; the outputs."""
-    parse_s = judge_s = state_s = 0.0
+) -> tuple[float, float, float, float, dict[str, Any]]:
+    """Thread seconds parsing, judging, writing changelog records and tracking
+    incidents; the outputs."""
+    parse_s = judge_s = state_s = incidents_s = 0.0
     changelog = Changelog("state", 7 * 86_400.0, clock=lambda: now)
+    tracker = IncidentTracker(clock=lambda: now)
+    names = parser.features
+    incidents = hashlib.sha256()
     changelog.features = parser.features
     out: dict[str, list[Any]] = {k: [] for k in ("scores", "anomalous", "rates", "features",
                                                   "warmed")}  # fmt: skip
@@ -89,9 +97,17 @@ def run(
             list(range(len(events))), events.ts.tolist(),
         )  # fmt: skip
         t3 = clock()
+        points = incident_points(
+            prepared, verdict, names, tracker.watched, lambda i: i % PARTITIONS
+        )
+        changes = tracker.track(points, stream_ts=float(events.ts.max()))
+        t4 = clock()
         parse_s += t1 - t0
         judge_s += t2 - t1
         state_s += t3 - t2
+        incidents_s += t4 - t3
+        for change in changes:
+            incidents.update(orjson.dumps(change))
         out["scores"].append(verdict.scores)
         out["anomalous"].append(verdict.anomalous)
         out["rates"].append(verdict.false_alarm_rates)
@@ -109,7 +125,8 @@ def run(
         arrays["state" + name] = getattr(n, name)[:size]
     arrays["history"] = detector.history.snapshot()
     arrays["changelog_sha256"] = np.frombuffer(digest.digest(), dtype=np.uint8)
-    return parse_s, judge_s, state_s, arrays
+    arrays["incidents_sha256"] = np.frombuffer(incidents.digest(), dtype=np.uint8)
+    return parse_s, judge_s, state_s, incidents_s, arrays
 
 
 def compare(a_path: str, b_path: str) -> int:
@@ -145,17 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     records = encoded(stream.take(args.events))
     now = START_TS + (args.prime_events + args.events) / 10_000.0
     batches = windows(records)
-    best = [float("inf")] * 3
+    best = [float("inf")] * 4
     arrays: dict[str, Any] = {}
     for _ in range(args.repeat):
-        times = run(*warm(prime, now), batches, now)
-        best = [min(b, t) for b, t in zip(best, times[:3], strict=True)]
-        arrays = times[3]
+        *times, arrays = run(*warm(prime, now), batches, now)
+        best = [min(b, t) for b, t in zip(best, times, strict=True)]
     n = args.events
     us = [1e6 * b / n for b in best]
     print(f"{n} events in {len(batches)} windows, best of {args.repeat} (thread CPU per event):")
     print(f"  parse {us[0]:.2f} us   judge {us[1]:.2f} us   changelog {us[2]:.2f} us"
-          f"   total {sum(us):.2f} us")  # fmt: skip
+          f"   incidents {us[3]:.2f} us   total {sum(us):.2f} us")  # fmt: skip
     if args.save:
         np.savez(args.save, **arrays)
     return 0

@@ -3,8 +3,9 @@
 ``Work`` is a parsed window. ``Finisher.finish`` takes it the rest of the way: judge
 its events (in the scoring thread: preparing the features, scoring, learning and
 encoding the anomalies are one job there), publish the anomalies and dead letters,
-and only then commit its offsets (on the loop, through the delivery mode). ``InFlight``
-holds the batches being finished, one after the other, while the loop reads the next,
+and only then commit its offsets (on the loop, through the delivery mode): ``judge``,
+then ``deliver``. ``InFlight`` holds the batches being finished, one after the other
+(a batch is judged while the one before is delivered), while the loop reads the next,
 and keeps what they raised until the loop can raise it.
 """
 
@@ -19,8 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from operator import attrgetter
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from aiokafka import TopicPartition
@@ -38,13 +38,11 @@ from consumer.windows import Batch
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Freeing a window's objects all at once (about 200,000 of them at 20,000 events) held
 # the loop for 15-50 ms; they are freed in slices of this many, yielding in between.
 FREE_SLICE_OBJECTS = 500
-
-
-_topic_partition = attrgetter("topic", "partition")
-_offset = attrgetter("offset")
 
 
 def tp_of(record: Record) -> TopicPartition:
@@ -93,9 +91,20 @@ class Work:
     def offsets(self) -> dict[TopicPartition, int]:
         """Per partition, the offset after the last record: what committing it means."""
         # A partition's records arrive in offset order, so its last one is its highest.
-        records = self.batch.records
-        last = dict(zip(map(_topic_partition, records), map(_offset, records), strict=True))
+        # A comprehension: 0.05 us a record against 0.08 with attrgetter and zip
+        # (20,000 records, thread time).
+        last = {(r.topic, r.partition): r.offset for r in self.batch.records}
         return {TopicPartition(t, p): offset + 1 for (t, p), offset in last.items()}
+
+
+class Judged(NamedTuple):
+    """What judging a batch produced, for ``Finisher.deliver``: every record to publish
+    (dead letters, anomalies, changelog records, incidents), and of them the incidents'
+    and the changelog's."""
+
+    messages: list[Message]
+    incidents: list[dict[str, Any]]
+    state: list[Message]
 
 
 class Delivery(Protocol):
@@ -150,6 +159,11 @@ class Finisher:
     async def finish(self, work: Work, detector: Detector | None) -> bool:
         """Judge the batch, publish everything it produced and commit it; False when
         delivery was called off (stopping with the broker away: left uncommitted)."""
+        return await self.deliver(work, await self.judge(work, detector))
+
+    async def judge(self, work: Work, detector: Detector | None) -> Judged:
+        """The first half of ``finish``: judge the batch (in the scoring thread) and
+        gather what it produced, to be delivered (``deliver``)."""
         messages = []
         for record, why in work.invalid:
             self.observer.invalid(why.reason)
@@ -168,6 +182,12 @@ class Finisher:
             messages.extend(anomalies)
             messages.extend(state)
             messages.extend(incident_message(self.topics.incidents, r) for r in incidents)
+        return Judged(messages, incidents, state)
+
+    async def deliver(self, work: Work, judged: Judged) -> bool:
+        """The second half of ``finish``: publish what the batch produced and commit it;
+        False when delivery was called off (stopping with the broker away)."""
+        messages, incidents, state = judged
         offsets = work.offsets()
         if not await self.delivery.deliver(messages, offsets):
             return False
@@ -250,11 +270,12 @@ def incident_points(
     only: a list of every event's partition cost a Python loop over the batch)."""
     events = prepared.events
     anomalous = verdict.anomalous
-    sources, ts = events.sources, events.ts
+    # Python lists: indexing a numpy array builds a numpy scalar for each event.
+    sources, ts, flags = events.sources, events.ts.tolist(), anomalous.tolist()
     points = []
     for i in followed(sources, anomalous, watched):
-        source, t = sources[i], float(ts[i])
-        if anomalous[i]:
+        source, t = sources[i], ts[i]
+        if flags[i]:
             zscores = None
             if names is not None:
                 row = prepared.features[i, : len(names)].round(3).tolist()
@@ -286,7 +307,8 @@ class InFlight:
     """The batches being finished while the loop reads the next (on the loop): at most
     ``depth`` of them, each started only once the one before it is finished (judged,
     published and committed), so batches are judged, learned from and committed in
-    order, as with one at a time.
+    order, as with one at a time; or, in two stages (``start_staged``), judged once the
+    one before is judged and delivered once it is finished.
 
     With one in flight, the loop waited for the batch before to be judged before it read
     on: on the warm drain, a quarter of its wall time (0.9 s of 3.5 s, 200,000 events).
@@ -302,6 +324,9 @@ class InFlight:
         self.depth = depth
         self._tasks: deque[asyncio.Task[Any]] = deque()
         self._failed: BaseException | None = None
+        # The first stages not yet finished (``start_staged``), and the newest one.
+        self._firsts: set[asyncio.Task[Any]] = set()
+        self._last_first: asyncio.Task[Any] | None = None
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -317,6 +342,33 @@ class InFlight:
             raise
         before = self._tasks[-1] if self._tasks else None
         self._tasks.append(asyncio.create_task(_after(before, job)))
+        self._last_first = None
+
+    async def start_staged(
+        self, first: Coroutine[Any, Any, T], then: Callable[[T], Coroutine[Any, Any, Any]]
+    ) -> None:
+        """As ``start``, for a batch finished in two stages: ``first`` (judging) starts
+        once the batch before has finished its own first stage, ``then(result)``
+        (publishing and committing) once the whole batch before has finished. So a
+        batch is judged while the one before is delivered, and batches are still
+        judged in order and committed in order.
+
+        On the warm drain the loop waited in ``start`` for the batch before, whose
+        delivery (publish, acknowledgements, commit) took 10-20% of the time it took
+        to judge it (400,000 events: 0.4-1.4 s of 3.6-4.9 s).
+        """
+        try:
+            while len(self._tasks) >= self.depth:
+                await self._settle_oldest()
+        except BaseException:
+            first.close()
+            raise
+        before = self._tasks[-1] if self._tasks else None
+        first_task = asyncio.create_task(_first(self._last_first or before, first))
+        self._firsts.add(first_task)
+        first_task.add_done_callback(self._firsts.discard)
+        self._tasks.append(asyncio.create_task(_then(before, first_task, then)))
+        self._last_first = first_task
 
     async def _settle_oldest(self) -> None:
         task = self._tasks[0]
@@ -350,7 +402,8 @@ class InFlight:
 
     async def cancel(self) -> None:
         """Only on an error: the normal way out settled them. Uncommitted is safe."""
-        tasks, self._tasks = list(self._tasks), deque()
+        tasks = [*self._tasks, *self._firsts]
+        self._tasks, self._last_first = deque(), None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -370,3 +423,41 @@ async def _after(before: asyncio.Task[Any] | None, job: Coroutine[Any, Any, Any]
     finally:
         if not started:
             job.close()
+
+
+class _NotRun(Exception):
+    """A first stage that never ran: the batch before it failed."""
+
+
+async def _first(before: asyncio.Task[Any] | None, job: Coroutine[Any, Any, T]) -> T:
+    """Run ``job`` once ``before`` has finished (raising ``_NotRun`` instead when it
+    failed or was cancelled)."""
+    started = False
+    try:
+        if before is not None:
+            await asyncio.wait({before})
+            if before.cancelled() or before.exception() is not None:
+                raise _NotRun
+        started = True
+        return await job
+    finally:
+        if not started:
+            job.close()
+
+
+async def _then(
+    before: asyncio.Task[Any] | None,
+    first: asyncio.Task[T],
+    then: Callable[[T], Coroutine[Any, Any, Any]],
+) -> Any:
+    """The second stage of a batch: once its first stage has finished (its error is
+    this task's) and the batch before has finished, unless that failed."""
+    await asyncio.wait({first})
+    if first.cancelled() or isinstance(first.exception(), _NotRun):
+        return None
+    result = first.result()
+    if before is not None:
+        await asyncio.wait({before})
+        if before.cancelled() or before.exception() is not None:
+            return None
+    return await then(result)

@@ -72,6 +72,12 @@ class Events:
     the (events x features) array the per-source statistics read. Building an
     ``Event`` per record and then an array from them cost about 2.4 us an event
     (20,000 simulator records, 2 cores), as much as parsing them.
+
+    ``metrics`` holds each event's metrics object, or the record value it was parsed
+    from (``parse_many``'s usual case): only an anomaly's metrics are ever read, and
+    a metrics dict kept per event for a window's life cost the loop about 0.2 us an
+    event to keep and free (20,000 simulator records: 1.39 -> 1.19 us parsing and
+    freeing, thread time).
     """
 
     __slots__ = ("metrics", "sources", "ts", "values")
@@ -81,7 +87,7 @@ class Events:
         sources: list[str],
         ts: FloatArray,
         values: FloatArray,
-        metrics: list[dict[str, Any]],
+        metrics: list[dict[str, Any] | bytes],
     ) -> None:
         self.sources = sources
         self.ts = ts
@@ -120,9 +126,10 @@ class Events:
         return len(self.sources)
 
     def __getitem__(self, i: int) -> Event:
-        return Event(
-            self.sources[i], float(self.ts[i]), tuple(self.values[i].tolist()), self.metrics[i]
-        )
+        metrics = self.metrics[i]
+        if isinstance(metrics, bytes):
+            metrics = orjson.loads(metrics)["metrics"]
+        return Event(self.sources[i], float(self.ts[i]), tuple(self.values[i].tolist()), metrics)
 
     def __iter__(self) -> Iterator[Event]:
         for i in range(len(self)):
@@ -267,7 +274,8 @@ class EventParser:
             columns[:, j] = column
         if not (np.abs(columns) <= limits.max_metric_abs).all():
             return None
-        return Events(sources, ts, columns, metrics)
+        # The values stand for the metrics (see Events): the dicts go with the documents.
+        return Events(sources, ts, columns, list(values))  # type: ignore[arg-type]
 
     def _validate(self, doc: dict[str, Any], timestamp_ms: int, now: float) -> Event | Invalid:
         # The common case (a string source, float values) is checked with `type() is`

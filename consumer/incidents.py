@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from consumer.calibration import published_rate
 from consumer.state import stream_time
@@ -67,9 +67,13 @@ class IncidentSettings:
     update_seconds: float = 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class Point:
-    """One judged event of a source, as the tracker needs it."""
+class Point(NamedTuple):
+    """One judged event of a source, as the tracker needs it.
+
+    A named tuple, not a frozen dataclass: one is built for each followed event (a
+    third of a backlog batch), and a frozen dataclass's ``__init__`` took 0.68 us
+    against 0.19 (``timeit``, 2 cores).
+    """
 
     source: str
     ts: float

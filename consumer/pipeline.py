@@ -18,7 +18,8 @@ Where each job lives, and which thread runs it:
   does not hold already are paused, their changelog partitions read back (a task of
   its own), and resumed once the statistics are loaded.
 
-At most two batches are in flight, and each starts only once the one before it is
+At most two batches are in flight: each is judged once the one before it is judged
+(while that one is published and committed) and committed once the one before it is
 committed, so batches finish in order while the loop reads the next window. The
 rebalance listener takes ``lock``, which the loop holds while it turns fetched records
 into batches, and settles the batches in flight: a revocation lets them be finished
@@ -42,7 +43,16 @@ from typing import Any, Protocol
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from consumer.alerts import AlertSender
-from consumer.batch import Delivery, Finisher, InFlight, Topics, Work, free_in_slices, tp_of
+from consumer.batch import (
+    Delivery,
+    Finisher,
+    InFlight,
+    Judged,
+    Topics,
+    Work,
+    free_in_slices,
+    tp_of,
+)
 from consumer.coldstart import ColdStart
 from consumer.config import Config
 from consumer.detector import Detector, DetectorSettings, Prepared
@@ -452,9 +462,11 @@ class Processor:
             if self.cold or (events and not self._has_model()):
                 await self._hold(work)
                 return
-        # Judged (and learned from) only after the batches in flight: against statistics
-        # that include them.
-        await self.in_flight.start(self._finish_and_free(work))
+        # Judged (and learned from) only after the batches in flight are judged: against
+        # statistics that include them; committed after them.
+        await self.in_flight.start_staged(
+            self._judge_ahead(work), partial(self._deliver_and_free, work)
+        )
 
     def use_detector(self, detector: Detector) -> None:
         """Judge with ``detector`` from now on (the first batch's, or a warm one the
@@ -539,8 +551,11 @@ class Processor:
             prepared = detector.learn_unjudged(detector.prepare(work.events, features=False))
             return prepared, self.finisher.state_messages(detector, work)
 
-    async def _finish_and_free(self, work: Work) -> None:
-        await self.finisher.finish(work, self.detector)
+    async def _judge_ahead(self, work: Work) -> Judged:
+        return await self.finisher.judge(work, self.detector)
+
+    async def _deliver_and_free(self, work: Work, judged: Judged) -> None:
+        await self.finisher.deliver(work, judged)
         await free_in_slices(work)
 
     async def _drain_held(self) -> None:

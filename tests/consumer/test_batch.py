@@ -4,8 +4,9 @@ flight, cold start's hold, the message encoding and the observer."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
@@ -199,6 +200,92 @@ async def test_cancelling_closes_the_batches_not_started() -> None:
 
     await in_flight.start(waits())
     await in_flight.start(waits())
+    await asyncio.sleep(0)
+    await in_flight.cancel()  # no "never awaited" warning: filterwarnings is "error"
+    assert len(in_flight) == 0
+
+
+async def test_a_staged_batch_is_judged_while_the_one_before_is_delivered() -> None:
+    in_flight = InFlight(depth=2)
+    log: list[str] = []
+    gates = {f"{stage} {i}": asyncio.Event() for stage in ("judge", "deliver") for i in range(3)}
+
+    async def stage(name: str) -> str:
+        log.append(f"start {name}")
+        await gates[name].wait()
+        log.append(f"end {name}")
+        return name
+
+    def batch(i: int) -> tuple[Coroutine[Any, Any, str], Callable[[str], Coroutine[Any, Any, str]]]:
+        async def deliver(judged: str) -> str:
+            assert judged == f"judge {i}"
+            return await stage(f"deliver {i}")
+
+        return stage(f"judge {i}"), deliver
+
+    await in_flight.start_staged(*batch(0))
+    await in_flight.start_staged(*batch(1))
+    await asyncio.sleep(0)
+    assert log == ["start judge 0"]  # the second is judged after the first
+    gates["judge 0"].set()
+    await asyncio.sleep(0.01)
+    # The first is delivered while the second is judged.
+    assert log == ["start judge 0", "end judge 0", "start deliver 0", "start judge 1"]
+    gates["judge 1"].set()
+    await asyncio.sleep(0.01)
+    assert log[-1] == "end judge 1"  # its delivery waits for the first's
+    third = asyncio.create_task(in_flight.start_staged(*batch(2)))
+    await asyncio.sleep(0.01)
+    assert not third.done()  # two are in flight already
+    gates["deliver 0"].set()
+    await third
+    await asyncio.sleep(0.01)
+    assert log[-3:] == ["end deliver 0", "start deliver 1", "start judge 2"]
+    for gate in gates.values():
+        gate.set()
+    await in_flight.settle()
+    assert log[-3:] == ["end deliver 1", "start deliver 2", "end deliver 2"]
+    assert len(in_flight) == 0
+
+
+@pytest.mark.parametrize("fails", ["judge", "deliver"])
+async def test_a_staged_batch_that_fails_stops_the_ones_behind_it(fails: str) -> None:
+    in_flight = InFlight(depth=2)
+    ran: list[str] = []
+
+    async def judge(i: int) -> int:
+        if i == 0 and fails == "judge":
+            raise RuntimeError("the scoring thread failed")
+        ran.append(f"judge {i}")
+        return i
+
+    async def deliver(i: int) -> None:
+        if i == 0 and fails == "deliver":
+            raise RuntimeError("the broker refused the batch")
+        ran.append(f"deliver {i}")
+
+    await in_flight.start_staged(judge(0), deliver)
+    await in_flight.start_staged(judge(1), deliver)
+    with pytest.raises(RuntimeError, match=r"failed|refused"):
+        await in_flight.settle()
+    await in_flight.settle()  # the one behind it ends without being delivered
+    # A failed delivery comes after the next batch's judging (which taught nothing
+    # that is committed: the loop stops on the error).
+    assert ran == ([] if fails == "judge" else ["judge 0", "judge 1"])
+
+
+async def test_cancelling_closes_the_staged_batches_not_started() -> None:
+    in_flight = InFlight(depth=2)
+    gate = asyncio.Event()
+
+    async def waits() -> None:
+        await gate.wait()
+
+    async def then(_: None) -> None:
+        await gate.wait()
+
+    await in_flight.start_staged(waits(), then)
+    await in_flight.start_staged(waits(), then)
     await asyncio.sleep(0)
     await in_flight.cancel()  # no "never awaited" warning: filterwarnings is "error"
     assert len(in_flight) == 0

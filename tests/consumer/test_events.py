@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -204,6 +205,23 @@ def test_a_plain_slice_parses_at_once_to_the_same_events() -> None:
     events, _ = EventParser(FEATURES).parse_many(values, [0] * 50, NOW)
     assert events.sources[:3] == ["web-0", "web-1", "web-2"]
     assert events.ts.dtype == events.values.dtype == float
+
+
+def test_a_plain_event_keeps_all_its_metrics_through_take_and_concat() -> None:
+    # A plain slice keeps the record values for the metrics (Events); an event built
+    # from them, also after take and concat, has the whole metrics object.
+    extra = {"cpu": 0.25, "mem": 0.5, "latency_ms": 3.0, "disk": 7.5, "net": 1.25}
+    values: list[bytes | None] = [plain(i) for i in range(10)]
+    values[4] = doc(source="odd", metrics=extra)
+    parser = EventParser(FEATURES)
+    first, refused = parser.parse_many(values, [0] * 10, NOW)
+    second, _ = parser.parse_many([doc(metrics={"cpu": 1, "mem": 0.5, "latency_ms": 3.0})],
+                                  [0], NOW)  # fmt: skip
+    assert not refused
+    both = Events.concat([first, second], len(FEATURES))
+    picked = both.take(np.array([10, 4]))
+    assert [e.metrics for e in picked] == [{"cpu": 1, "mem": 0.5, "latency_ms": 3.0}, extra]
+    assert picked[1].source == "odd"
 
 
 @pytest.mark.parametrize("odd", [v for v, _ in INVALID] + UNUSUAL_VALID)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from consumer.incidents import IncidentSettings, IncidentTracker, Point, incident_id
@@ -184,7 +182,7 @@ def test_only_the_incidents_of_this_instance_s_partitions_are_restored() -> None
     records = []
     for source, partition in (("p0", 0), ("p1", 1), ("old", None)):
         tracker = IncidentTracker(SETTINGS)
-        script = [dataclasses.replace(p, partition=partition) for p in points("0X", source)]
+        script = [p._replace(partition=partition) for p in points("0X", source)]
         (opened,) = tracker.track(script)
         assert opened["input_partition"] == partition
         records.append(opened)
