@@ -160,8 +160,8 @@ OPTIONS: tuple[Option, ...] = (
         cycle_share,
         0.5,
         "a metric whose hour of the day (event time, UTC) explains at least this share of "
-        "its variance over its source's first two days is judged against its usual for "
-        "the hour; off: never",
+        "its variance over its source's first two days (or more, until each hour was seen "
+        "6 times) is judged against its usual for the hour; off: never",
     ),
     Option(
         "--warmup-events",

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from consumer.season import HourProfiles, SeasonRows
+from consumer.season import CYCLE, HourProfiles, SeasonRows
 from consumer.weighted import ew_fold
 
 logger = logging.getLogger(__name__)
@@ -576,6 +576,11 @@ class SourceNormalizer:
             self._last_seen[idx] = self._tick
             if self.season is not None:
                 self.season.load(idx, rows.season, part)
+            elif rows.season is not None:
+                # Learned on a residual this detector will not compute (daily cycles
+                # off, or a rollback): those statistics would misjudge the raw values.
+                residual = (rows.season.cycle[part] == CYCLE).any(axis=1)
+                self.restart(idx[residual])
 
     def forget(self, sources: list[str]) -> int:
         """Drop ``sources`` from the table (unknown ones are ignored); how many were."""

@@ -46,9 +46,13 @@ OBSERVING = 0
 CYCLE = 1
 NO_CYCLE = -1
 
-# Each hour's mean forgets with this half-life in its visits: about two weeks of a daily
-# cycle, and 14 visits of one hour are 1 h 10 min of a source reporting every 5 minutes.
-HALFLIFE_VISITS = 14.0
+# Each hour's mean and variance forget with this half-life in days, whatever the source's
+# rate: a half-life in visits (14, as the probe had it) is a day and a bit at one event
+# every 5 minutes, but 2.3 minutes of that hour at one every 10 s, where each hour's mean
+# followed the last minutes and a slow random walk looked cyclic (a unit test). A week
+# keeps a day's oddity (a holiday) from rewriting the hour, and estimates an hourly
+# source's spread within an hour from about 20 of its days.
+HALFLIFE_DAYS = 7.0
 # The decision waits until every hour was seen this often: with n visits an hour, pure
 # noise shows a share of about 1 / n (the spread of n-value means), so with 2 visits
 # (two days of an hourly series) half of it; NAB's exchange-3 and -4 (hourly, no daily
@@ -104,12 +108,12 @@ class HourProfiles:
         *,
         cycle_share: float = 0.5,
         observe_seconds: float = 2 * DAY_SECONDS,
-        halflife_visits: float = HALFLIFE_VISITS,
+        halflife_days: float = HALFLIFE_DAYS,
     ) -> None:
         self.n_features = n_features
         self.cycle_share = cycle_share
         self.observe_seconds = observe_seconds
-        self._alpha = 1.0 - 0.5 ** (1.0 / halflife_visits)
+        self.halflife_days = halflife_days
         self.since = np.full(capacity, np.nan)
         self.state: StateArray = np.zeros((capacity, n_features), dtype=np.int8)
         self.visits = np.zeros((capacity, HOURS), dtype=np.int64)
@@ -178,8 +182,10 @@ class HourProfiles:
         at = np.flatnonzero(cycle.any(axis=1))
         if len(at) == 0:
             return values
-        profile = self.mean[safe[at]].astype(np.float64)  # events x hours x metrics
-        part = profile[np.arange(len(at)), hours_of(ts[at])] - profile.mean(axis=1)
+        # Each source's mean of the 24 hours once, not a gather of 24 per event.
+        sources, inverse = np.unique(safe[at], return_inverse=True)
+        level = self.mean[sources].astype(np.float64).mean(axis=1)[inverse.reshape(-1)]
+        part = self.mean[safe[at], hours_of(ts[at])] - level
         out = values.copy()
         out[at] = np.where(cycle[at], values[at] - part, values[at])
         return out
@@ -216,12 +222,21 @@ class HourProfiles:
             self.var[r, h].astype(np.float64),
             inverse.reshape(-1),
             x,
-            self._alpha,
+            self._alpha(r, ts.max()),
         )
         self.mean[r, h] = new_mean
         self.var[r, h] = new_var
         self.visits[r, h] += k
         return self._decide(rows, ts)
+
+    def _alpha(self, rows: IntArray, now: float) -> FloatArray:
+        """Per row, the weight of one visit of an hour: a half-life of
+        ``halflife_days`` of that hour's visits at the source's rate so far (its events
+        per hour since it was first seen; at least one)."""
+        hours_seen = np.maximum((now - self.since[rows]) / HOUR_SECONDS, 1.0)
+        per_hour = np.maximum(self.visits[rows].sum(axis=1) / hours_seen, 1.0)
+        alpha: FloatArray = 1.0 - 0.5 ** (1.0 / (self.halflife_days * per_hour))
+        return alpha
 
     def _decide(self, rows: IntArray, ts: FloatArray) -> IntArray:
         if ts.max() - self.since[rows].min() < self.observe_seconds:

@@ -182,7 +182,23 @@ def decode(value: bytes) -> SourceState:
         or len(season.hours) != (2 * HOURS * n * 4 if season.visits else 0)
     ):
         raise Unreadable("season and features differ in shape")
+    if season is not None and not _sound(season):
+        raise Unreadable("season holds impossible numbers")
     return state
+
+
+def _sound(season: Season) -> bool:
+    """A profile the detector could have written: a finite first time, visits in
+    range, finite means and variances, no variance below 0, and a profile for every
+    metric still observed or with a cycle."""
+    if season.since is not None and not math.isfinite(season.since):
+        return False
+    if not season.visits:
+        return all(c == NO_CYCLE for c in season.cycle)
+    if not all(0 <= v < 2**31 for v in season.visits):
+        return False
+    hours = np.frombuffer(season.hours, dtype="<f4").reshape(2, HOURS, -1)
+    return bool(np.isfinite(hours).all() and (hours[1] >= 0).all())
 
 
 def _season(doc: object) -> Season | None:
@@ -190,11 +206,18 @@ def _season(doc: object) -> Season | None:
         return None
     if not isinstance(doc, dict):
         raise TypeError(f"season {doc!r} is not an object")
-    since = doc.get("since")
+    since, cycle, visits = doc.get("since"), doc["cycle"], doc.get("visits", [])
+    if not (
+        (since is None or type(since) in (int, float))
+        and isinstance(cycle, list)
+        and isinstance(visits, list)
+        and all(type(x) is int for x in (*cycle, *visits))
+    ):
+        raise TypeError("season's since, cycle or visits is not of its type")
     return Season(
         since=None if since is None else float(since),
-        cycle=tuple(int(x) for x in doc["cycle"]),
-        visits=tuple(int(x) for x in doc.get("visits", ())),
+        cycle=tuple(cycle),
+        visits=tuple(visits),
         hours=base64.b64decode(doc.get("hours", ""), validate=True),
     )
 

@@ -15,14 +15,15 @@ def ew_fold(
     var: FloatArray,
     inverse: IntArray,
     x: FloatArray,
-    alpha: float,
+    alpha: float | FloatArray,
 ) -> tuple[FloatArray, FloatArray, IntArray]:
     """Exponentially weighted means and variances (groups x columns, ``count`` values
     seen so far per group) after the rows of ``x``, row i in group ``inverse[i]``, every
     group with at least one; returns them and how many rows each group got.
 
     k values at rate alpha weigh 1-(1-alpha)^k; a young group weighs each of its values
-    equally (a plain mean) until the exponential weighting takes over."""
+    equally (a plain mean) until the exponential weighting takes over. ``alpha`` is one
+    rate, or one per group."""
     groups = len(count)
     k = np.bincount(inverse, minlength=groups).astype(np.float64)
     columns = range(x.shape[1])

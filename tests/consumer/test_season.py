@@ -3,10 +3,12 @@ decision after two days, the residual, and the detector judging on it."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 import pytest
 
 from consumer.detector import Detector, DetectorSettings
@@ -22,7 +24,7 @@ from consumer.season import (
     daily_share,
     hours_of,
 )
-from consumer.state import SourceState, as_rows, decode, encode, seasons
+from consumer.state import SourceState, Unreadable, as_rows, decode, encode, seasons
 
 START = 1_396_310_400.0  # 2014-04-01 00:00 UTC
 
@@ -280,3 +282,56 @@ def test_scoring_on_the_side_sees_the_residual_as_judging_does() -> None:
     np.testing.assert_array_equal(side.values, learned.values)
     np.testing.assert_array_equal(side.features, learned.features)
     assert side.values[0, 0] != 70.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_slow_random_walk_reported_every_ten_seconds_has_no_cycle(seed: int) -> None:
+    # With a half-life in visits (14: 2.3 minutes of an hour at this rate), each hour's
+    # mean followed the walk's last minutes, and the walk looked cyclic.
+    profiles = HourProfiles(1, 4)
+    steps = np.random.default_rng(seed).standard_normal(int(2.5 * DAY_SECONDS / 10))
+    ts, values = stream(100 + np.cumsum(0.05 * steps), 10)
+    assert feed(profiles, ts, values, batch=600) == []
+    assert profiles.state[0, 0] == NO_CYCLE
+
+
+@pytest.mark.parametrize(
+    ("season", "why"),
+    [
+        ({"since": 1.0, "cycle": [1], "visits": [5] * 24, "hours": "NaN"}, "not base64"),
+        ({"since": 1.0, "cycle": [1], "visits": [-1] * 24, "hours": "HOURS"}, "visits"),
+        ({"since": 1.0, "cycle": [1], "visits": [5] * 24, "hours": "INF"}, "inf"),
+        ({"since": 1.0, "cycle": [1], "visits": [5] * 24, "hours": "NEGVAR"}, "var < 0"),
+        ({"since": 1.0, "cycle": [1]}, "a cycle and no profile"),
+        ({"since": 1.0, "cycle": [2]}, "no such state"),
+        ({"since": 1.0, "cycle": "1"}, "cycle not a list"),
+        ({"since": 1.0, "cycle": [1.5], "visits": [5] * 24, "hours": "HOURS"}, "float"),
+        ({"since": "1", "cycle": [-1]}, "since a string"),
+        ([1, 2], "not an object"),
+    ],
+)
+def test_a_malformed_season_makes_the_record_unreadable(season: object, why: str) -> None:
+    hours = np.ones((2, HOURS, 1), dtype="<f4")
+    if isinstance(season, dict) and season.get("hours") in ("HOURS", "INF", "NEGVAR"):
+        if season["hours"] == "INF":
+            hours[0, 3, 0] = np.inf
+        if season["hours"] == "NEGVAR":
+            hours[1, 3, 0] = -1.0
+        season = {**season, "hours": base64.b64encode(hours.tobytes()).decode()}
+    good = orjson.loads(encode(SourceState(1, START, ("value",), 30, (1.0,), (1.0,))))
+    with pytest.raises(Unreadable):
+        decode(orjson.dumps({**good, "season": season}))
+
+
+def test_with_cycles_off_a_source_restored_with_a_cycle_learns_its_values_again() -> None:
+    detector = Detector(1)
+    learn_days(detector, 2.5)
+    names, rows = detector.normalizer.export_rows(["taxi"])
+    assert rows.season is not None
+    assert rows.season.cycle[0, 0] == CYCLE
+    off = Detector(1, DetectorSettings(cycle_share=None))
+    off.normalizer.import_rows(names, rows)
+    assert off.normalizer.counts(off.normalizer.rows(["taxi"], create=False))[0] == 0
+    on = Detector(1)
+    on.normalizer.import_rows(names, rows)
+    assert on.normalizer.counts(on.normalizer.rows(["taxi"], create=False))[0] == rows.count[0]
