@@ -488,7 +488,8 @@ class SourceNormalizer:
             table[rows] = np.where(metrics, new, table[rows])
 
     def restart(self, rows: IntArray | list[int]) -> None:
-        """Forget what ``rows`` learned (new sources' rows)."""
+        """Forget what ``rows`` learned of their values: new sources' rows, and restored
+        sources whose input this detector does not compute (``import_rows``)."""
         self._generation += 1
         self._mean[rows] = 0.0
         self._var[rows] = 0.0

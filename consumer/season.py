@@ -4,8 +4,7 @@ value for that hour, not against its source's running mean.
 A moving z-score sees a traffic series' evening peak as an outlier every evening, and a
 jump or a flat stretch inside the cycle (a night as busy as the day) as nothing at all.
 Each source's metric keeps a profile of the 24 hours of the day in event time (UTC): an
-exponentially weighted mean and variance per hour, with a half-life counted in that
-hour's visits. After ``observe_seconds`` of the source's event time (two days), once
+exponentially weighted mean and variance per hour, with a half-life in days. After ``observe_seconds`` of the source's event time (two days), once
 every hour was seen ``MIN_VISITS`` times, each metric is judged once: if the hour of
 the day explains at least ``cycle_share`` of its variance, from then on the detector
 sees its value less that hour's part of the cycle (``residual``), and the source's
@@ -22,7 +21,9 @@ show a daily share of at least 0.5, on the hour's residual, 46.7 and 49.8 (0.7: 
 and 49.8; 0.3: 40.4 and 40.9, noisy series with weak cycles join). Built here, decided
 causally after two days (the same 7 of 31 series): 41.1 and 49.7 with the statistics
 restarted at the decision (a new warm-up, then young statistics), 43.1 and 49.7 seeded
-from the profile (``python -m producer_sim.nab offline``).
+from the profile, with the profile's half-life at 14 visits of the hour; in days (see
+``HALFLIFE_DAYS``), 7: 43.2 and 49.7, 2: 41.5 and 49.8 (``python -m producer_sim.nab
+offline``).
 
 Pure numpy on whole batches, like ``consumer.normalize``, whose rows it shares.
 """
