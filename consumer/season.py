@@ -4,12 +4,13 @@ value for that hour, not against its source's running mean.
 A moving z-score sees a traffic series' evening peak as an outlier every evening, and a
 jump or a flat stretch inside the cycle (a night as busy as the day) as nothing at all.
 Each source's metric keeps a profile of the 24 hours of the day in event time (UTC): an
-exponentially weighted mean and variance per hour, with a half-life in days. After ``observe_seconds`` of the source's event time (two days), once
-every hour was seen ``MIN_VISITS`` times, each metric is judged once: if the hour of
-the day explains at least ``cycle_share`` of its variance, from then on the detector
-sees its value less that hour's part of the cycle (``residual``), and the source's
-statistics for it are seeded from the profile (``baseline``); otherwise it keeps its
-values, and its profile is dropped.
+exponentially weighted mean and variance per hour, with a half-life in days. After
+``observe_seconds`` of the source's event time (two days), once every hour was seen
+``MIN_VISITS`` times, each metric is judged once: if the hour of the day explains at
+least ``cycle_share`` of its variance, from then on the detector sees its value less
+that hour's part of the cycle (``residual``), and the source's statistics for it are
+seeded from the profile (``baseline``); otherwise it keeps its values, and its profile
+is dropped.
 
 Measured on NAB's development subset first with a probe
 (``scripts/daily_context_probe.py``: the detector as it was, the daily context handed
