@@ -412,17 +412,10 @@ class InFlight:
 async def _after(before: asyncio.Task[Any] | None, job: Coroutine[Any, Any, Any]) -> Any:
     """Run ``job`` once ``before`` has finished, unless it failed or was cancelled (its
     own task reports that): then ``job`` never starts."""
-    started = False
     try:
-        if before is not None:
-            await asyncio.wait({before})
-            if before.cancelled() or before.exception() is not None:
-                return None
-        started = True
-        return await job
-    finally:
-        if not started:
-            job.close()
+        return await _first(before, job)
+    except _NotRun:
+        return None
 
 
 class _NotRun(Exception):
