@@ -133,6 +133,11 @@ def compare(a_path: str, b_path: str) -> int:
     a, b = np.load(a_path), np.load(b_path)
     worst = 0
     for key in sorted(set(a.files) | set(b.files)):
+        if key not in a.files or key not in b.files:
+            # An archive saved by an older version of this script lacks the newer keys.
+            print(f"{key:20s} only in {a_path if key in a.files else b_path}")
+            worst = 2
+            continue
         x, y = a[key], b[key]
         if x.shape != y.shape:
             print(f"{key}: shapes differ {x.shape} {y.shape}")
