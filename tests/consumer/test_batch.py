@@ -205,6 +205,22 @@ async def test_cancelling_closes_the_batches_not_started() -> None:
     assert len(in_flight) == 0
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until ``condition`` holds (a test failure after 5 s)."""
+    async with asyncio.timeout(5):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0)
+
+
+async def turns(count: int = 20) -> None:
+    """Let the loop run ``count`` iterations: long enough for a task that could go on
+    to do so, before asserting that it did not."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
 async def test_a_staged_batch_is_judged_while_the_one_before_is_delivered() -> None:
     in_flight = InFlight(depth=2)
     log: list[str] = []
@@ -225,21 +241,24 @@ async def test_a_staged_batch_is_judged_while_the_one_before_is_delivered() -> N
 
     await in_flight.start_staged(*batch(0))
     await in_flight.start_staged(*batch(1))
-    await asyncio.sleep(0)
+    await until(lambda: "start judge 0" in log)
+    await turns()
     assert log == ["start judge 0"]  # the second is judged after the first
     gates["judge 0"].set()
-    await asyncio.sleep(0.01)
+    await until(lambda: "start judge 1" in log)
+    await turns()
     # The first is delivered while the second is judged.
     assert log == ["start judge 0", "end judge 0", "start deliver 0", "start judge 1"]
     gates["judge 1"].set()
-    await asyncio.sleep(0.01)
+    await until(lambda: "end judge 1" in log)
+    await turns()
     assert log[-1] == "end judge 1"  # its delivery waits for the first's
     third = asyncio.create_task(in_flight.start_staged(*batch(2)))
-    await asyncio.sleep(0.01)
+    await turns()
     assert not third.done()  # two are in flight already
     gates["deliver 0"].set()
     await third
-    await asyncio.sleep(0.01)
+    await until(lambda: "start judge 2" in log)
     assert log[-3:] == ["end deliver 0", "start deliver 1", "start judge 2"]
     for gate in gates.values():
         gate.set()
