@@ -305,10 +305,9 @@ async def free_in_slices(work: Work) -> None:
 
 class InFlight:
     """The batches being finished while the loop reads the next (on the loop): at most
-    ``depth`` of them, each started only once the one before it is finished (judged,
-    published and committed), so batches are judged, learned from and committed in
-    order, as with one at a time; or, in two stages (``start_staged``), judged once the
-    one before is judged and delivered once it is finished.
+    ``depth`` of them, so batches are judged, learned from and committed in
+    order, as with one at a time: each is judged once the one before is judged, and
+    delivered once it is finished (``start``).
 
     With one in flight, the loop waited for the batch before to be judged before it read
     on: on the warm drain, a quarter of its wall time (0.9 s of 3.5 s, 200,000 events).
@@ -324,38 +323,26 @@ class InFlight:
         self.depth = depth
         self._tasks: deque[asyncio.Task[Any]] = deque()
         self._failed: BaseException | None = None
-        # The first stages not yet finished (``start_staged``), and the newest one.
+        # The first stages (judging) not yet finished, and the newest one.
         self._firsts: set[asyncio.Task[Any]] = set()
         self._last_first: asyncio.Task[Any] | None = None
 
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def start(self, job: Coroutine[Any, Any, Any]) -> None:
-        """Queue ``job`` behind the batches in flight, first waiting while ``depth`` are
-        (the oldest one's errors surface here)."""
-        try:
-            while len(self._tasks) >= self.depth:
-                await self._settle_oldest()
-        except BaseException:
-            job.close()
-            raise
-        before = self._tasks[-1] if self._tasks else None
-        self._tasks.append(asyncio.create_task(_after(before, job)))
-        self._last_first = None
-
-    async def start_staged(
+    async def start(
         self, first: Coroutine[Any, Any, T], then: Callable[[T], Coroutine[Any, Any, Any]]
     ) -> None:
-        """As ``start``, for a batch finished in two stages: ``first`` (judging) starts
-        once the batch before has finished its own first stage, ``then(result)``
-        (publishing and committing) once the whole batch before has finished. So a
-        batch is judged while the one before is delivered, and batches are still
-        judged in order and committed in order.
+        """Queue a batch finished in two stages behind the batches in flight, first
+        waiting while ``depth`` are (the oldest one's errors surface here): ``first``
+        (judging) starts once the batch before has finished its own first stage,
+        ``then(result)`` (publishing and committing) once the whole batch before has
+        finished. So a batch is judged while the one before is delivered, and batches
+        are still judged in order and committed in order.
 
-        On the warm drain the loop waited in ``start`` for the batch before, whose
-        delivery (publish, acknowledgements, commit) took 10-20% of the time it took
-        to judge it (400,000 events: 0.4-1.4 s of 3.6-4.9 s).
+        When each batch started only once the one before was committed, the loop waited
+        for that delivery (publish, acknowledgements, commit), 10-20% of the time it
+        took to judge a batch (400,000 events: 0.4-1.4 s of 3.6-4.9 s).
         """
         try:
             while len(self._tasks) >= self.depth:
@@ -407,15 +394,6 @@ class InFlight:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _after(before: asyncio.Task[Any] | None, job: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``job`` once ``before`` has finished, unless it failed or was cancelled (its
-    own task reports that): then ``job`` never starts."""
-    try:
-        return await _first(before, job)
-    except _NotRun:
-        return None
 
 
 class _NotRun(Exception):

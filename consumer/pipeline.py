@@ -464,9 +464,7 @@ class Processor:
                 return
         # Judged (and learned from) only after the batches in flight are judged: against
         # statistics that include them; committed after them.
-        await self.in_flight.start_staged(
-            self._judge_ahead(work), partial(self._deliver_and_free, work)
-        )
+        await self.in_flight.start(self._judge_ahead(work), partial(self._deliver_and_free, work))
 
     def use_detector(self, detector: Detector) -> None:
         """Judge with ``detector`` from now on (the first batch's, or a warm one the

@@ -119,6 +119,10 @@ def test_a_revoked_partition_leaves_the_prepared_features_in_step() -> None:
     assert kept.prepared.values[:, 0].tolist() == [10.0, 11.0]
 
 
+async def delivers(judged: object) -> None:
+    """A second stage with nothing to do."""
+
+
 async def test_in_flight_raises_what_the_batch_raised_at_the_next_check() -> None:
     in_flight = InFlight()
     in_flight.check()  # nothing in flight
@@ -126,10 +130,18 @@ async def test_in_flight_raises_what_the_batch_raised_at_the_next_check() -> Non
     async def fails() -> None:
         raise RuntimeError("publish failed for good")
 
-    await in_flight.start(fails())
-    await asyncio.sleep(0)
-    with pytest.raises(RuntimeError, match="for good"):
-        in_flight.check()
+    await in_flight.start(fails(), delivers)
+    raised: list[BaseException] = []
+
+    def checked() -> bool:
+        try:
+            in_flight.check()
+        except RuntimeError as exc:
+            raised.append(exc)
+        return bool(raised)
+
+    await until(checked)
+    assert "for good" in str(raised[0])
     in_flight.check()  # raised once, not again
 
 
@@ -139,70 +151,10 @@ async def test_in_flight_keeps_an_error_met_during_a_revocation_for_the_loop() -
     async def fails() -> None:
         raise RuntimeError("fenced")
 
-    await in_flight.start(fails())
+    await in_flight.start(fails(), delivers)
     await in_flight.settle_for_revocation()  # the listener must not raise
     with pytest.raises(RuntimeError, match="fenced"):
         in_flight.check()
-
-
-async def test_batches_in_flight_run_one_after_the_other_and_at_most_depth_of_them() -> None:
-    in_flight = InFlight(depth=2)
-    log: list[str] = []
-    gates = [asyncio.Event() for _ in range(3)]
-
-    async def job(i: int) -> None:
-        log.append(f"start {i}")
-        await gates[i].wait()
-        log.append(f"end {i}")
-
-    await in_flight.start(job(0))
-    await in_flight.start(job(1))
-    await asyncio.sleep(0)
-    assert log == ["start 0"]  # the second waits for the first
-    third = asyncio.create_task(in_flight.start(job(2)))
-    await asyncio.sleep(0)
-    assert not third.done()  # two are in flight already
-    gates[0].set()
-    await third
-    await asyncio.sleep(0)
-    assert log == ["start 0", "end 0", "start 1"]
-    gates[1].set()
-    gates[2].set()
-    await in_flight.settle()
-    assert log == ["start 0", "end 0", "start 1", "end 1", "start 2", "end 2"]
-    assert len(in_flight) == 0
-
-
-async def test_a_failed_batch_stops_the_ones_queued_behind_it() -> None:
-    in_flight = InFlight(depth=2)
-    ran: list[int] = []
-
-    async def fails() -> None:
-        raise RuntimeError("the broker refused the batch")
-
-    async def after() -> None:
-        ran.append(1)
-
-    await in_flight.start(fails())
-    await in_flight.start(after())
-    with pytest.raises(RuntimeError, match="refused"):
-        await in_flight.settle()
-    await in_flight.settle()  # the one behind it ends without running
-    assert ran == []
-
-
-async def test_cancelling_closes_the_batches_not_started() -> None:
-    in_flight = InFlight(depth=2)
-    gate = asyncio.Event()
-
-    async def waits() -> None:
-        await gate.wait()
-
-    await in_flight.start(waits())
-    await in_flight.start(waits())
-    await asyncio.sleep(0)
-    await in_flight.cancel()  # no "never awaited" warning: filterwarnings is "error"
-    assert len(in_flight) == 0
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -221,7 +173,7 @@ async def turns(count: int = 20) -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_staged_batch_is_judged_while_the_one_before_is_delivered() -> None:
+async def test_a_batch_is_judged_while_the_one_before_is_delivered_depth_at_most() -> None:
     in_flight = InFlight(depth=2)
     log: list[str] = []
     gates = {f"{stage} {i}": asyncio.Event() for stage in ("judge", "deliver") for i in range(3)}
@@ -239,8 +191,8 @@ async def test_a_staged_batch_is_judged_while_the_one_before_is_delivered() -> N
 
         return stage(f"judge {i}"), deliver
 
-    await in_flight.start_staged(*batch(0))
-    await in_flight.start_staged(*batch(1))
+    await in_flight.start(*batch(0))
+    await in_flight.start(*batch(1))
     await until(lambda: "start judge 0" in log)
     await turns()
     assert log == ["start judge 0"]  # the second is judged after the first
@@ -253,7 +205,7 @@ async def test_a_staged_batch_is_judged_while_the_one_before_is_delivered() -> N
     await until(lambda: "end judge 1" in log)
     await turns()
     assert log[-1] == "end judge 1"  # its delivery waits for the first's
-    third = asyncio.create_task(in_flight.start_staged(*batch(2)))
+    third = asyncio.create_task(in_flight.start(*batch(2)))
     await turns()
     assert not third.done()  # two are in flight already
     gates["deliver 0"].set()
@@ -268,7 +220,7 @@ async def test_a_staged_batch_is_judged_while_the_one_before_is_delivered() -> N
 
 
 @pytest.mark.parametrize("fails", ["judge", "deliver"])
-async def test_a_staged_batch_that_fails_stops_the_ones_behind_it(fails: str) -> None:
+async def test_a_batch_that_fails_stops_the_ones_behind_it(fails: str) -> None:
     in_flight = InFlight(depth=2)
     ran: list[str] = []
 
@@ -283,8 +235,8 @@ async def test_a_staged_batch_that_fails_stops_the_ones_behind_it(fails: str) ->
             raise RuntimeError("the broker refused the batch")
         ran.append(f"deliver {i}")
 
-    await in_flight.start_staged(judge(0), deliver)
-    await in_flight.start_staged(judge(1), deliver)
+    await in_flight.start(judge(0), deliver)
+    await in_flight.start(judge(1), deliver)
     with pytest.raises(RuntimeError, match=r"failed|refused"):
         await in_flight.settle()
     await in_flight.settle()  # the one behind it ends without being delivered
@@ -293,7 +245,7 @@ async def test_a_staged_batch_that_fails_stops_the_ones_behind_it(fails: str) ->
     assert ran == ([] if fails == "judge" else ["judge 0", "judge 1"])
 
 
-async def test_cancelling_closes_the_staged_batches_not_started() -> None:
+async def test_cancelling_closes_the_batches_not_started() -> None:
     in_flight = InFlight(depth=2)
     gate = asyncio.Event()
 
@@ -303,8 +255,8 @@ async def test_cancelling_closes_the_staged_batches_not_started() -> None:
     async def then(_: None) -> None:
         await gate.wait()
 
-    await in_flight.start_staged(waits(), then)
-    await in_flight.start_staged(waits(), then)
+    await in_flight.start(waits(), then)
+    await in_flight.start(waits(), then)
     await asyncio.sleep(0)
     await in_flight.cancel()  # no "never awaited" warning: filterwarnings is "error"
     assert len(in_flight) == 0
