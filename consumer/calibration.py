@@ -55,28 +55,29 @@ def walk(
     hits: BoolArray,
     learn: BoolArray,
     *,
-    alpha: float,
+    alpha: FloatArray,
     prior_events: float,
 ) -> tuple[FloatArray, FloatArray]:
-    """Exponentially weighted shares, event by event in batch order per source.
+    """Exponentially weighted shares, event by event in batch order per source, at
+    several forgetting rates at once.
 
     ``inverse`` maps each event to its source (0..len(start)-1), ``start`` is each
-    source's share before the batch and ``seen`` how many events it had before it;
-    ``hits`` says which events count, and only events where ``learn`` is true move
-    their source's share. A young source's share is the plain mean of its events and
-    of the starting share counted ``prior_events`` times, until the exponential
-    weighting (``alpha`` an event) takes over. Returns each event's share as it stood
-    before that event, and each source's share after the batch.
+    source's shares before the batch (one column per rate) and ``seen`` how many events
+    it had before it; ``hits`` says which events count, and only events where ``learn``
+    is true move their source's shares. A young source's share is the plain mean of its
+    events and of the starting share counted ``prior_events`` times, until the
+    exponential weighting (``alpha`` an event, one per column) takes over. Returns each
+    event's shares as they stood before that event, and each source's after the batch.
     """
     n = len(inverse)
-    before = np.empty(n)
     share = start.astype(np.float64, copy=True)
+    before = np.empty((n, share.shape[1]))
     if n == 0:
         return before, share
     rank = ranks(inverse)
     plain = 1.0 / (prior_events + seen[inverse] + rank + 1.0)
-    step = np.where(learn, np.maximum(alpha, plain), 0.0)
-    target = hits.astype(np.float64)
+    step = np.where(learn[:, None], np.maximum(alpha[None, :], plain[:, None]), 0.0)
+    target = hits.astype(np.float64)[:, None]
     # One pass per rank: a rank holds at most one event of each source.
     by_rank = np.argsort(rank, kind="stable")
     bounds = np.searchsorted(rank[by_rank], np.arange(int(rank.max()) + 2))

@@ -66,7 +66,9 @@ class Verdict:
     the raw score, comparable across model versions. It decides (with the budget).
     ``source_rates`` reads the same rates against each source's own alarms
     (``consumer.calibration``), so that they also compare across sources: a noisy
-    source's alarms rank below a quiet one's. With no budget, the rates themselves.
+    source's alarms rank below a quiet one's. ``recent_rates`` reads them also against
+    the source's recent alarms, whichever share is higher: what an anomaly publishes.
+    With no budget, both are the rates themselves.
     """
 
     scores: FloatArray
@@ -74,6 +76,7 @@ class Verdict:
     model: FittedModel
     false_alarm_rates: FloatArray
     source_rates: FloatArray
+    recent_rates: FloatArray
 
 
 def rounds(rows: IntArray, per_source: int, warming: IntArray | None = None) -> list[IntArray]:
@@ -143,6 +146,17 @@ class DetectorSettings:
     # outranked a quiet source's outlier. 20,000 events is 2.3 days of a source
     # reporting every 10 s: a source noisy last week is trusted again.
     calibration_halflife_events: float = 20_000.0
+    # The same share over a source's last events (0: not kept), and an anomaly's
+    # published rate read against whichever share is higher: an anomaly right after
+    # others of its source is less news than the first (HTM's anomaly likelihood reads
+    # its scores against the last few likewise). It changes no decision, only how the
+    # anomalies rank. On NAB's development subset (published anomalies, offline;
+    # standard / low FP), half-lives of 8, 15, 20, 30 and 60 events gave 50.8 / 41.8,
+    # 53.1 / 41.0, 53.1 / 37.6, 52.8 / 36.2 and 47.3 / 32.1, against 43.2 / 34.1
+    # without; longer, an alarm also ranks down a real anomaly a hundred events later.
+    # The incidents keep the long-run rate: they group a run themselves, and read
+    # against the recent share too they scored 46.2 instead of 49.7.
+    recent_halflife_events: float = 15.0
     # A metric whose hour of the day explains at least this share of its variance over
     # its source's first two days is judged on its value less that hour's usual
     # (``consumer.season``, where the figures are); None: never.
@@ -242,24 +256,34 @@ class Detector:
         or, with ``learn``, as they stood at that event, teaching them the batch.
         """
         scores, anomalous, rates = model.judge(prepared.features)
-        source_rates = rates
-        halflife = self.settings.calibration_halflife_events
-        if model.budget is not None and halflife > 0:
+        source_rates = recent_rates = rates
+        settings = self.settings
+        if model.budget is not None and settings.calibration_halflife_events > 0:
             b = model.budget / PER_EVENTS
             if learn:
                 uniq, inverse = np.unique(prepared.rows, return_inverse=True)
                 first = np.nan_to_num(self.normalizer.exceedance(uniq), nan=b)
                 # The statistics have learned the batch already: its events are not "seen".
                 seen = np.maximum(self.normalizer.counts(uniq) - np.bincount(inverse), 0)
-                share, after = walk(
+                halflives = np.array(
+                    [settings.calibration_halflife_events, settings.recent_halflife_events]
+                )
+                shares, after = walk(
                     inverse, first, seen, rates <= model.budget, prepared.warmed,
-                    alpha=1.0 - 0.5 ** (1.0 / halflife), prior_events=1.0 / b,
+                    alpha=1.0 - 0.5 ** (1.0 / np.maximum(halflives, 1e-9)), prior_events=1.0 / b,
                 )  # fmt: skip
                 self.normalizer.set_exceedance(uniq, after)
             else:
-                share = np.nan_to_num(self.normalizer.exceedance(prepared.rows), nan=b)
-            source_rates = calibrated(rates / PER_EVENTS, share, b) * PER_EVENTS
-        return Verdict(scores, anomalous & prepared.warmed, model, rates, source_rates)
+                shares = np.nan_to_num(self.normalizer.exceedance(prepared.rows), nan=b)
+            longrun = shares[:, 0]
+            source_rates = calibrated(rates / PER_EVENTS, longrun, b) * PER_EVENTS
+            recent_rates = source_rates
+            if settings.recent_halflife_events > 0:
+                share = np.maximum(longrun, shares[:, 1])
+                recent_rates = calibrated(rates / PER_EVENTS, share, b) * PER_EVENTS
+        return Verdict(
+            scores, anomalous & prepared.warmed, model, rates, source_rates, recent_rates
+        )
 
     def judge(self, prepared: Prepared, model: FittedModel) -> tuple[Prepared, Verdict]:
         """Score a batch and let it learn (blocking: the service runs it in its scoring

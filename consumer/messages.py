@@ -63,9 +63,10 @@ def anomaly_messages(
             # Calibrated: the false alarms per 10,000 normal events of thresholds that
             # would just flag this event; comparable across model versions.
             "false_alarm_rate": published_rate(verdict.false_alarm_rates[i]),
-            # The same, read against this source's own alarms (``consumer.calibration``):
-            # comparable across sources, so a noisy source does not outrank a quiet one.
-            "source_false_alarm_rate": published_rate(verdict.source_rates[i]),
+            # The same, read against this source's own alarms, long-run and recent
+            # (``consumer.calibration``): comparable across sources, so a noisy source
+            # does not outrank a quiet one, and a run's repeats rank below its first.
+            "source_false_alarm_rate": published_rate(verdict.recent_rates[i]),
             "window": {"start": start, "end": end},
             "model": {
                 "version": model.version,

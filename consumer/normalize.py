@@ -68,6 +68,9 @@ _MOVE_CLIP = np.e
 # normal rows of one disk-write series and 3,261 of a key-press series.
 _STILL_SHARE_LIMIT = 0.05
 _FREE = np.iinfo(np.int64).max
+# Each source's exceedance share is kept over two spans: its long run and its recent
+# events (``consumer.calibration``, ``DetectorSettings``).
+EXCEEDANCE_SPANS = 2
 
 
 def usual_step(var: FloatArray) -> FloatArray:
@@ -112,7 +115,8 @@ class SourceRows:
     move_fast: FloatArray
     level: FloatArray
     still_share: FloatArray
-    # The share of its events the fleet-wide rate would flag; NaN for none yet.
+    # The share of its events the fleet-wide rate would flag, over its long run and its
+    # recent events (rows x 2, ``consumer.calibration``); NaN for none yet.
     exceedance: FloatArray
     # The hour-of-day profiles (``consumer.season``); None: none kept.
     season: SeasonRows | None = None
@@ -157,9 +161,10 @@ class SourceNormalizer:
         self._move_fast = np.zeros((capacity, n_features))
         self._still_share = np.zeros((capacity, n_features))
         self._level = np.zeros((capacity, n_features))
-        # Per source: the share of its events the fleet-wide rate would flag
-        # (``consumer.calibration``); NaN until it has one.
-        self._exceedance = np.full(capacity, np.nan)
+        # Per source: the share of its events the fleet-wide rate would flag, over its
+        # long run and over its recent events (``consumer.calibration``); NaN until it
+        # has one.
+        self._exceedance = np.full((capacity, EXCEEDANCE_SPANS), np.nan)
         # Daily cycles (``consumer.season``); None: every value is judged as it is.
         self.season = (
             HourProfiles(n_features, capacity, cycle_share=cycle_share)
@@ -430,9 +435,12 @@ class SourceNormalizer:
         self._level[uniq] = recent.level[last]
 
     def exceedance(self, idx: IntArray) -> FloatArray:
-        """Each event's source's exceedance share (NaN for none yet, or an unknown source)."""
+        """Each event's source's exceedance shares, long-run and recent (rows x 2; NaN for
+        none yet, or an unknown source)."""
         known = idx >= 0
-        out: FloatArray = np.where(known, self._exceedance[np.where(known, idx, 0)], np.nan)
+        out: FloatArray = np.where(
+            known[:, None], self._exceedance[np.where(known, idx, 0)], np.nan
+        )
         return out
 
     def set_exceedance(self, idx: IntArray, shares: FloatArray) -> None:
@@ -510,7 +518,7 @@ class SourceNormalizer:
         self._move_fast = np.vstack([self._move_fast, np.zeros((extra, self.n_features))])
         self._still_share = np.vstack([self._still_share, np.zeros((extra, self.n_features))])
         self._level = np.vstack([self._level, np.zeros((extra, self.n_features))])
-        self._exceedance = np.concatenate([self._exceedance, np.full(extra, np.nan)])
+        self._exceedance = np.vstack([self._exceedance, np.full((extra, EXCEEDANCE_SPANS), np.nan)])
         self._count = np.concatenate([self._count, np.zeros(extra, dtype=np.int64)])
         self._last_seen = np.concatenate([self._last_seen, np.zeros(extra, dtype=np.int64)])
         if self.season is not None:

@@ -9,6 +9,7 @@ as JSON::
      "count": 812, "mean": [0.41, 0.63], "var": [0.0021, 0.0009],
      "last": [0.40, 0.63], "move": [0.012, 0.001], "move_fast": [0.010, 0.001],
      "level": [0.3, -0.1], "still_share": [0.0, 0.2], "exceedance": 0.0003,
+     "recent_exceedance": 0.0001,
      "season": {"since": 1699900000.0, "cycle": [0, 0], "visits": [12, 12, ...],
                 "hours": "<base64>"}}
 
@@ -16,8 +17,9 @@ as JSON::
 values, its long-run and recent movement, its recent level and how often it stands
 still (``SourceNormalizer.temporal``);
 records of format 1 lack them, and restore with none learned yet. ``exceedance`` (the
-share of its events the fleet-wide rate would flag, ``consumer.calibration``) is
-optional in format 2: absent, or null, until the source has been judged. ``season``
+share of its events the fleet-wide rate would flag, ``consumer.calibration``) and
+``recent_exceedance`` (the same over its last few dozen events) are optional in format
+2: absent, or null, until the source has been judged. ``season``
 (optional too) is the source's hour-of-day profile (``consumer.season``): the event
 time it was first seen, each metric's cycle state (0 observing, 1 cycle, -1 none), and
 while a metric is observed or has a cycle, the visits per hour and, as base64 of
@@ -50,7 +52,13 @@ import numpy as np
 import orjson
 
 from consumer.kafka_io import Message
-from consumer.normalize import FloatArray, SourceNormalizer, SourceRows, usual_step
+from consumer.normalize import (
+    EXCEEDANCE_SPANS,
+    FloatArray,
+    SourceNormalizer,
+    SourceRows,
+    usual_step,
+)
 from consumer.season import HOURS, NO_CYCLE, SeasonRows
 
 logger = logging.getLogger(__name__)
@@ -97,6 +105,7 @@ class SourceState:
     level: tuple[float, ...] = ()
     still_share: tuple[float, ...] = ()
     exceedance: float | None = None
+    recent_exceedance: float | None = None
     season: Season | None = None
 
 
@@ -117,6 +126,7 @@ def encode(state: SourceState) -> bytes:
             "level": state.level,
             "still_share": state.still_share,
             "exceedance": state.exceedance,
+            "recent_exceedance": state.recent_exceedance,
             **(
                 {}
                 if season is None
@@ -162,6 +172,7 @@ def decode(value: bytes) -> SourceState:
             level=tuple(float(x) for x in doc.get("level", ())),
             still_share=tuple(float(x) for x in doc.get("still_share", ())),
             exceedance=_share(doc.get("exceedance")),
+            recent_exceedance=_share(doc.get("recent_exceedance")),
             season=_season(doc.get("season")),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -236,6 +247,15 @@ def seasons(rows: SeasonRows) -> list[Season]:
         else Season(since[i], cycles[i])
         for i in range(len(cycles))
     ]
+
+
+def _known(share: np.float64) -> float | None:
+    """A share from the table as the changelog keeps it: NaN (none yet) is null."""
+    return None if math.isnan(share) else float(share)
+
+
+def _or_nan(share: float | None) -> float:
+    return math.nan if share is None else share
 
 
 def _share(value: object) -> float | None:
@@ -359,7 +379,8 @@ class StateTracker:
                 move_fast=tuple(stats.move_fast[i].tolist()),
                 level=tuple(stats.level[i].tolist()),
                 still_share=tuple(stats.still_share[i].tolist()),
-                exceedance=None if math.isnan(share := float(stats.exceedance[i])) else share,
+                exceedance=_known(stats.exceedance[i, 0]),
+                recent_exceedance=_known(stats.exceedance[i, 1]),
                 season=None if profiles is None else profiles[i],
             )
             messages.append(Message(self.topic, source.encode(), encode(state), [], partition))
@@ -420,7 +441,9 @@ def as_rows(states: Sequence[SourceState]) -> SourceRows:
         column("move_fast", usual),
         column("level", zeros),
         column("still_share", zeros),
-        np.array([np.nan if s.exceedance is None else s.exceedance for s in states]),
+        np.array([[_or_nan(s.exceedance), _or_nan(s.recent_exceedance)] for s in states]).reshape(
+            n, EXCEEDANCE_SPANS
+        ),
         SeasonRows(since, cycle, visits, hours[:, 0], hours[:, 1]),
     )
 

@@ -291,7 +291,7 @@ def verdict_for(detector: Detector, w: Work, anomalous: list[bool]) -> Verdict:
     w.prepared = prepared
     scores = np.linspace(0.4, 0.9, len(w.events))
     rates = model.false_alarm_rates(scores)
-    return Verdict(scores, np.array(anomalous), model, rates, rates)
+    return Verdict(scores, np.array(anomalous), model, rates, rates, rates)
 
 
 def test_an_anomaly_message_names_its_source_input_model_and_zscores() -> None:

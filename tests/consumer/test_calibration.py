@@ -51,31 +51,44 @@ def test_walk(
 ) -> None:
     got_before, got_after = walk(
         np.array(inverse, dtype=np.intp),
-        np.zeros(len(after)),
+        np.zeros((len(after), 1)),
         np.full(len(after), 100, dtype=np.intp),  # old sources: alpha alone
         np.array(hits, dtype=bool),
         np.array(learn, dtype=bool),
-        alpha=0.5,
+        alpha=np.array([0.5]),
         prior_events=0.0,
     )
-    np.testing.assert_allclose(got_before, before)
-    np.testing.assert_allclose(got_after, after)
+    np.testing.assert_allclose(got_before[:, 0], before)
+    np.testing.assert_allclose(got_after[:, 0], after)
+
+
+def test_walk_keeps_each_rate_in_its_own_column() -> None:
+    # Hits 1, 0, 1 at alpha 0.5 and 1: the second column is always the last event.
+    before, after = walk(
+        np.zeros(3, dtype=np.intp), np.zeros((1, 2)), np.full(1, 100, dtype=np.intp),
+        np.array([True, False, True]), np.ones(3, dtype=bool), alpha=np.array([0.5, 1.0]),
+        prior_events=0.0,
+    )  # fmt: skip
+    np.testing.assert_allclose(before, [[0.0, 0.0], [0.5, 1.0], [0.25, 0.0]])
+    np.testing.assert_allclose(after, [[0.625, 1.0]])
 
 
 def test_a_young_sources_share_is_a_plain_mean_with_the_prior() -> None:
     # The prior 0.5 counted as one event, then hits 1, 1, 0: (0.5 + 1 + 1 + 0) / 4.
     before, after = walk(
-        np.zeros(3, dtype=np.intp), np.array([0.5]), np.zeros(1, dtype=np.intp),
-        np.array([True, True, False]), np.ones(3, dtype=bool), alpha=0.1, prior_events=1.0,
+        np.zeros(3, dtype=np.intp), np.array([[0.5]]), np.zeros(1, dtype=np.intp),
+        np.array([True, True, False]), np.ones(3, dtype=bool), alpha=np.array([0.1]),
+        prior_events=1.0,
     )  # fmt: skip
-    np.testing.assert_allclose(before, [0.5, 0.75, 2.5 / 3])
-    np.testing.assert_allclose(after, [0.625])
+    np.testing.assert_allclose(before[:, 0], [0.5, 0.75, 2.5 / 3])
+    np.testing.assert_allclose(after[:, 0], [0.625])
 
 
 def test_walk_of_an_empty_batch_leaves_the_shares() -> None:
     before, after = walk(
-        np.array([], dtype=np.intp), np.array([0.3]), np.zeros(1, dtype=np.intp),
-        np.array([], dtype=bool), np.array([], dtype=bool), alpha=0.5, prior_events=0.0,
+        np.array([], dtype=np.intp), np.array([[0.3]]), np.zeros(1, dtype=np.intp),
+        np.array([], dtype=bool), np.array([], dtype=bool), alpha=np.array([0.5]),
+        prior_events=0.0,
     )  # fmt: skip
     assert len(before) == 0
-    assert after.tolist() == [0.3]
+    assert after.tolist() == [[0.3]]

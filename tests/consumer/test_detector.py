@@ -372,3 +372,33 @@ def test_a_noisy_source_does_not_outrank_a_quiet_sources_anomaly() -> None:
     assert (own[floods, noisy] > own[at, quiet]).all()
     # The quiet source's own rate is the fleet's: it had no alarms before.
     assert own[at, quiet] == fleet[at, quiet]
+
+
+def test_a_runs_repeats_rank_below_its_first_anomaly() -> None:
+    """A quiet source's run of five 8-sd outliers, then one more 300 events later. The
+    run's first anomaly publishes its long-run rate; the next ones, read against the
+    source's recent alarms too, rank below it. By the lone outlier the recent share has
+    faded, and it publishes its long-run rate again; the incidents' (long-run) rates
+    never see the recent share."""
+    batches, _ = fleet_with_outliers(0.0, seed=3, per_source=1000)
+    quiet, run, lone = 12, range(600, 605), 900
+    for t in [*run, lone]:
+        e = batches[t][quiet]
+        batches[t][quiet] = Event(e.source, e.ts, (10.0 ** (quiet % 4) * 1.4, e.values[1]), {})
+    detector = Detector(2, DetectorSettings(min_train=2_000, warmup_events=20, fit=FLEET_FIT))
+    for batch in batches[:300]:
+        detector.learn(detector.prepare(batch))
+    training, version = detector.training_set(0.0)
+    model = fit_model(training, FLEET_FIT, version=version, fitted_at=0.0,
+                      layout=detector.layout)  # fmt: skip
+    verdicts = [detector.judge(detector.prepare(batch), model)[1] for batch in batches[300:]]
+    flagged = np.array([v.anomalous[quiet] for v in verdicts])
+    longrun = np.array([v.source_rates[quiet] for v in verdicts])
+    recent = np.array([v.recent_rates[quiet] for v in verdicts])
+    at = np.array([*run, lone]) - 300
+    assert flagged[at].all()
+    first, repeats, later = at[0], at[1:-1], at[-1]
+    assert recent[first] == longrun[first]
+    assert (recent[repeats] > 10 * longrun[repeats]).all()
+    assert (recent[repeats] > recent[first]).all()
+    assert recent[later] == longrun[later]

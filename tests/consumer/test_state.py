@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import orjson
 import pytest
@@ -31,29 +33,39 @@ def state(offset: int, count: int = 30, mean: float = 1.0, ts: float = 100.0) ->
     return SourceState(offset, ts, FEATURES, count, (mean, mean + 1), (0.25, 0.5))
 
 
-@pytest.mark.parametrize("exceedance", [None, 0.0, 3e-4, 1.0])
-def test_a_state_record_decodes_to_what_was_encoded(exceedance: float | None) -> None:
+@pytest.mark.parametrize(
+    ("exceedance", "recent"), [(None, None), (0.0, 0.0), (3e-4, 0.02), (1.0, 1.0), (3e-4, None)]
+)
+def test_a_state_record_decodes_to_what_was_encoded(
+    exceedance: float | None, recent: float | None
+) -> None:
     original = SourceState(
-        41, 1_700_000_000.25, FEATURES, 812, (0.1, 1e-300), (2.5, 0.0), exceedance=exceedance
-    )
+        41, 1_700_000_000.25, FEATURES, 812, (0.1, 1e-300), (2.5, 0.0),
+        exceedance=exceedance, recent_exceedance=recent,
+    )  # fmt: skip
     assert decode(encode(original)) == original
 
 
 def test_the_exceedance_share_survives_the_changelog() -> None:
     table = SourceNormalizer(2)
     rows = table.rows(["a", "b"])
-    table.set_exceedance(rows[:1], np.array([0.02]))
+    table.set_exceedance(rows[:1], np.array([[0.02, 0.3]]))
     changelog = Changelog("t.state", ttl_seconds=1e9, clock=lambda: 0.0)
     changelog.features = FEATURES
     records = changelog.batch_messages(table, ["a", "b"], [0, 0], [5, 6], [1.0, 2.0])
     restored = {(m.key or b"").decode(): decode(m.value) for m in records if m.value is not None}
-    assert restored["a"].exceedance == 0.02
-    assert restored["b"].exceedance is None  # never judged: no share yet
+    assert (restored["a"].exceedance, restored["a"].recent_exceedance) == (0.02, 0.3)
+    # never judged: no shares yet
+    assert (restored["b"].exceedance, restored["b"].recent_exceedance) == (None, None)
+    # A record from before the recent share: the long-run one alone.
+    older = replace(restored["a"], recent_exceedance=None)
     fresh = SourceNormalizer(2)
-    fresh.import_rows(["a", "b"], as_rows([restored["a"], restored["b"]]))
-    shares = fresh.exceedance(fresh.rows(["a", "b"], create=False))
-    assert shares[0] == 0.02
-    assert np.isnan(shares[1])
+    fresh.import_rows(["a", "b", "c"], as_rows([restored["a"], restored["b"], older]))
+    shares = fresh.exceedance(fresh.rows(["a", "b", "c"], create=False))
+    assert shares[0].tolist() == [0.02, 0.3]
+    assert np.isnan(shares[1]).all()
+    assert shares[2, 0] == 0.02
+    assert np.isnan(shares[2, 1])
 
 
 @pytest.mark.parametrize(
@@ -62,6 +74,7 @@ def test_the_exceedance_share_survives_the_changelog() -> None:
         (b"not json", "not a state record"),
         (orjson.dumps({"v": 3}), "format version 3"),
         (orjson.dumps({**orjson.loads(encode(state(1))), "exceedance": 2.0}), "not a share"),
+        (orjson.dumps({**orjson.loads(encode(state(1))), "recent_exceedance": -1}), "not a share"),
         (orjson.dumps({"v": 1, "offset": 1}), "not a state record"),
         (UNEVEN, "differ in length"),
     ],
@@ -135,7 +148,9 @@ def test_import_beyond_the_table_evicts_instead_of_failing() -> None:
     names = [f"s{i}" for i in range(5)]
     zeros = np.zeros((5, 1))
     ones = np.ones((5, 1))
-    rows = SourceRows(np.arange(5), zeros, ones, zeros, zeros, zeros, zeros, zeros, zeros[:, 0])
+    rows = SourceRows(
+        np.arange(5), zeros, ones, zeros, zeros, zeros, zeros, zeros, np.zeros((5, 2))
+    )
     table.import_rows(names, rows)
     assert len(table) <= 3
     assert "s4" in table.sources()
