@@ -17,6 +17,12 @@ power keeps the order of a source's own events and only ever raises rates, so th
 fleet's budget holds. The decision stays the fleet's rule (see ``Detector.score``):
 the source rates rank anomalies across sources.
 
+A source keeps the same share over its last few dozen events too, and the rate an
+anomaly publishes is read against whichever of the two is higher: the first anomaly
+of a run keeps its long-run rate, the ones right after it rank below it, and a source
+quiet again for a hundred events is back to its long-run rate (``DetectorSettings``,
+where the figures are).
+
 Pure functions; the per-source shares live in the normalizer's table
 (``SourceNormalizer``), beside the statistics they belong with.
 """
