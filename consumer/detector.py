@@ -30,7 +30,14 @@ from consumer.model import (
     Layout,
     RefitSchedule,
 )
-from consumer.normalize import BoolArray, FloatArray, IntArray, SourceNormalizer, ranks
+from consumer.normalize import (
+    LONG_RUN,
+    BoolArray,
+    FloatArray,
+    IntArray,
+    SourceNormalizer,
+    ranks,
+)
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,9 @@ class Verdict:
     the raw score, comparable across model versions. It decides (with the budget).
     ``source_rates`` reads the same rates against each source's own alarms
     (``consumer.calibration``), so that they also compare across sources: a noisy
-    source's alarms rank below a quiet one's. ``recent_rates`` reads them also against
-    the source's recent alarms, whichever share is higher: what an anomaly publishes.
-    With no budget, both are the rates themselves.
+    source's alarms rank below a quiet one's. ``anomaly_rates`` reads them against the
+    source's long-run or recent alarms, whichever share is higher: what an anomaly
+    publishes. With no budget, both are the rates themselves.
     """
 
     scores: FloatArray
@@ -76,7 +83,7 @@ class Verdict:
     model: FittedModel
     false_alarm_rates: FloatArray
     source_rates: FloatArray
-    recent_rates: FloatArray
+    anomaly_rates: FloatArray
 
 
 def rounds(rows: IntArray, per_source: int, warming: IntArray | None = None) -> list[IntArray]:
@@ -146,7 +153,8 @@ class DetectorSettings:
     # outranked a quiet source's outlier. 20,000 events is 2.3 days of a source
     # reporting every 10 s: a source noisy last week is trusted again.
     calibration_halflife_events: float = 20_000.0
-    # The same share over a source's last events (0: not kept), and an anomaly's
+    # The same share over a source's last events (0: not kept; it needs the long-run
+    # share, calibration_halflife_events > 0), and an anomaly's
     # published rate read against whichever share is higher: an anomaly right after
     # others of its source is less news than the first (HTM's anomaly likelihood reads
     # its scores against the last few likewise). It changes no decision, only how the
@@ -256,33 +264,37 @@ class Detector:
         or, with ``learn``, as they stood at that event, teaching them the batch.
         """
         scores, anomalous, rates = model.judge(prepared.features)
-        source_rates = recent_rates = rates
+        source_rates = anomaly_rates = rates
         settings = self.settings
         if model.budget is not None and settings.calibration_halflife_events > 0:
             b = model.budget / PER_EVENTS
+            # The spans kept: the long run, and the recent events unless turned off.
+            spans = [settings.calibration_halflife_events]
+            if settings.recent_halflife_events > 0:
+                spans.append(settings.recent_halflife_events)
+            kept = slice(LONG_RUN, LONG_RUN + len(spans))
             if learn:
                 uniq, inverse = np.unique(prepared.rows, return_inverse=True)
-                first = np.nan_to_num(self.normalizer.exceedance(uniq), nan=b)
+                first = np.nan_to_num(self.normalizer.exceedance(uniq)[:, kept], nan=b)
                 # The statistics have learned the batch already: its events are not "seen".
                 seen = np.maximum(self.normalizer.counts(uniq) - np.bincount(inverse), 0)
-                halflives = np.array(
-                    [settings.calibration_halflife_events, settings.recent_halflife_events]
-                )
                 shares, after = walk(
                     inverse, first, seen, rates <= model.budget, prepared.warmed,
-                    alpha=1.0 - 0.5 ** (1.0 / np.maximum(halflives, 1e-9)), prior_events=1.0 / b,
+                    alpha=1.0 - 0.5 ** (1.0 / np.array(spans)), prior_events=1.0 / b,
                 )  # fmt: skip
-                self.normalizer.set_exceedance(uniq, after)
+                self.normalizer.set_exceedance(uniq, after, kept)
             else:
-                shares = np.nan_to_num(self.normalizer.exceedance(prepared.rows), nan=b)
-            longrun = shares[:, 0]
-            source_rates = calibrated(rates / PER_EVENTS, longrun, b) * PER_EVENTS
-            recent_rates = source_rates
-            if settings.recent_halflife_events > 0:
-                share = np.maximum(longrun, shares[:, 1])
-                recent_rates = calibrated(rates / PER_EVENTS, share, b) * PER_EVENTS
+                shares = np.nan_to_num(self.normalizer.exceedance(prepared.rows)[:, kept], nan=b)
+
+            def against(share: FloatArray) -> FloatArray:
+                read: FloatArray = calibrated(rates / PER_EVENTS, share, b) * PER_EVENTS
+                return read
+
+            source_rates = anomaly_rates = against(shares[:, LONG_RUN])
+            if len(spans) > 1:
+                anomaly_rates = against(shares.max(axis=1))
         return Verdict(
-            scores, anomalous & prepared.warmed, model, rates, source_rates, recent_rates
+            scores, anomalous & prepared.warmed, model, rates, source_rates, anomaly_rates
         )
 
     def judge(self, prepared: Prepared, model: FittedModel) -> tuple[Prepared, Verdict]:

@@ -66,7 +66,7 @@ def anomaly_messages(
             # The same, read against this source's own alarms, long-run and recent
             # (``consumer.calibration``): comparable across sources, so a noisy source
             # does not outrank a quiet one, and a run's repeats rank below its first.
-            "source_false_alarm_rate": published_rate(verdict.recent_rates[i]),
+            "source_false_alarm_rate": published_rate(verdict.anomaly_rates[i]),
             "window": {"start": start, "end": end},
             "model": {
                 "version": model.version,

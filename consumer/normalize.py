@@ -68,8 +68,9 @@ _MOVE_CLIP = np.e
 # normal rows of one disk-write series and 3,261 of a key-press series.
 _STILL_SHARE_LIMIT = 0.05
 _FREE = np.iinfo(np.int64).max
-# Each source's exceedance share is kept over two spans: its long run and its recent
-# events (``consumer.calibration``, ``DetectorSettings``).
+# Each source's exceedance share is kept over two spans, a column each: its long run
+# and its recent events (``consumer.calibration``, ``DetectorSettings``).
+LONG_RUN, RECENT = 0, 1
 EXCEEDANCE_SPANS = 2
 
 
@@ -443,8 +444,9 @@ class SourceNormalizer:
         )
         return out
 
-    def set_exceedance(self, idx: IntArray, shares: FloatArray) -> None:
-        self._exceedance[idx] = shares
+    def set_exceedance(self, idx: IntArray, shares: FloatArray, spans: slice = slice(None)) -> None:
+        """Set ``idx``'s shares (rows x spans) of the ``spans`` columns."""
+        self._exceedance[idx, spans] = shares
 
     def _std(self, mean: FloatArray, var: FloatArray) -> FloatArray:
         floor = (_RELATIVE_STD_FLOOR * mean) ** 2 + _ABSOLUTE_STD_FLOOR**2

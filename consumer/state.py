@@ -47,6 +47,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -54,6 +55,8 @@ import orjson
 from consumer.kafka_io import Message
 from consumer.normalize import (
     EXCEEDANCE_SPANS,
+    LONG_RUN,
+    RECENT,
     FloatArray,
     SourceNormalizer,
     SourceRows,
@@ -171,8 +174,8 @@ def decode(value: bytes) -> SourceState:
             move_fast=tuple(float(x) for x in doc.get("move_fast", ())),
             level=tuple(float(x) for x in doc.get("level", ())),
             still_share=tuple(float(x) for x in doc.get("still_share", ())),
-            exceedance=_share(doc.get("exceedance")),
-            recent_exceedance=_share(doc.get("recent_exceedance")),
+            exceedance=_share(doc, "exceedance"),
+            recent_exceedance=_share(doc, "recent_exceedance"),
             season=_season(doc.get("season")),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -254,16 +257,14 @@ def _known(share: np.float64) -> float | None:
     return None if math.isnan(share) else float(share)
 
 
-def _or_nan(share: float | None) -> float:
-    return math.nan if share is None else share
-
-
-def _share(value: object) -> float | None:
+def _share(doc: dict[str, Any], field: str) -> float | None:
+    """An optional share of a record: null or absent is None (none yet)."""
+    value = doc.get(field)
     if value is None:
         return None
-    share = float(value)  # type: ignore[arg-type]
+    share = float(value)
     if not 0.0 <= share <= 1.0:
-        raise ValueError(f"exceedance {share!r} is not a share")
+        raise ValueError(f"{field} {share!r} is not a share")
     return share
 
 
@@ -379,8 +380,8 @@ class StateTracker:
                 move_fast=tuple(stats.move_fast[i].tolist()),
                 level=tuple(stats.level[i].tolist()),
                 still_share=tuple(stats.still_share[i].tolist()),
-                exceedance=_known(stats.exceedance[i, 0]),
-                recent_exceedance=_known(stats.exceedance[i, 1]),
+                exceedance=_known(stats.exceedance[i, LONG_RUN]),
+                recent_exceedance=_known(stats.exceedance[i, RECENT]),
                 season=None if profiles is None else profiles[i],
             )
             messages.append(Message(self.topic, source.encode(), encode(state), [], partition))
@@ -441,7 +442,8 @@ def as_rows(states: Sequence[SourceState]) -> SourceRows:
         column("move_fast", usual),
         column("level", zeros),
         column("still_share", zeros),
-        np.array([[_or_nan(s.exceedance), _or_nan(s.recent_exceedance)] for s in states]).reshape(
+        # None (none yet) is NaN.
+        np.array([[s.exceedance, s.recent_exceedance] for s in states], dtype=np.float64).reshape(
             n, EXCEEDANCE_SPANS
         ),
         SeasonRows(since, cycle, visits, hours[:, 0], hours[:, 1]),

@@ -255,7 +255,7 @@ def offline(
         for i in range(len(judged.prepared)):
             s, r = int(which[lo + i]), int(rows[lo + i])
             published = (
-                severity(published_rate(verdict.recent_rates[i])) if verdict.anomalous[i] else 0.0
+                severity(published_rate(verdict.anomaly_rates[i])) if verdict.anomalous[i] else 0.0
             )
             scores.put(corpus[s].key, r, float(verdict.scores[i]), published)
         points = incident_points(judged.prepared, verdict, names, incidents.watched)

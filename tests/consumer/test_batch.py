@@ -291,7 +291,8 @@ def verdict_for(detector: Detector, w: Work, anomalous: list[bool]) -> Verdict:
     w.prepared = prepared
     scores = np.linspace(0.4, 0.9, len(w.events))
     rates = model.false_alarm_rates(scores)
-    return Verdict(scores, np.array(anomalous), model, rates, rates, rates)
+    # Read against the source's alarms: long-run (incidents), and also recent (anomalies).
+    return Verdict(scores, np.array(anomalous), model, rates, 2 * rates, 3 * rates)
 
 
 def test_an_anomaly_message_names_its_source_input_model_and_zscores() -> None:
@@ -308,6 +309,7 @@ def test_an_anomaly_message_names_its_source_input_model_and_zscores() -> None:
     assert doc["score"] == 0.65
     rate = float(verdict.model.false_alarm_rates(np.array([0.65]))[0])
     assert doc["false_alarm_rate"] == pytest.approx(rate, rel=1e-2)
+    assert doc["source_false_alarm_rate"] == pytest.approx(3 * rate, rel=1e-2)
     assert doc["window"] == {"start": 0.0, "end": 1.0}
     assert set(doc["zscores"]) == {"x"}
     raw = anomaly_messages("out", None, (0.0, 1.0), w.prepared, w.event_records, verdict, 2.0)

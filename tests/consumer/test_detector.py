@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from consumer.detector import Detector, DetectorSettings, rounds
 from consumer.events import Event
 from consumer.model import FitParams, fit_model
+from consumer.normalize import LONG_RUN, RECENT
 
 
 def fleet_batch(rng: np.random.Generator, n_sources: int, ts: float) -> list[Event]:
@@ -374,18 +377,18 @@ def test_a_noisy_source_does_not_outrank_a_quiet_sources_anomaly() -> None:
     assert own[at, quiet] == fleet[at, quiet]
 
 
-def test_a_runs_repeats_rank_below_its_first_anomaly() -> None:
-    """A quiet source's run of five 8-sd outliers, then one more 300 events later. The
-    run's first anomaly publishes its long-run rate; the next ones, read against the
-    source's recent alarms too, rank below it. By the lone outlier the recent share has
-    faded, and it publishes its long-run rate again; the incidents' (long-run) rates
-    never see the recent share."""
+def run_then_lone_outlier(
+    settings: DetectorSettings,
+) -> tuple[Detector, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A quiet source's run of five 8-sd outliers from tick 600, then one more at 900:
+    the detector, and per judged tick (from 300) whether that source was flagged, its
+    long-run and its anomaly rates, and where the outliers are."""
     batches, _ = fleet_with_outliers(0.0, seed=3, per_source=1000)
-    quiet, run, lone = 12, range(600, 605), 900
-    for t in [*run, lone]:
+    quiet, outliers = 12, [*range(600, 605), 900]
+    for t in outliers:
         e = batches[t][quiet]
         batches[t][quiet] = Event(e.source, e.ts, (10.0 ** (quiet % 4) * 1.4, e.values[1]), {})
-    detector = Detector(2, DetectorSettings(min_train=2_000, warmup_events=20, fit=FLEET_FIT))
+    detector = Detector(2, settings)
     for batch in batches[:300]:
         detector.learn(detector.prepare(batch))
     training, version = detector.training_set(0.0)
@@ -394,11 +397,32 @@ def test_a_runs_repeats_rank_below_its_first_anomaly() -> None:
     verdicts = [detector.judge(detector.prepare(batch), model)[1] for batch in batches[300:]]
     flagged = np.array([v.anomalous[quiet] for v in verdicts])
     longrun = np.array([v.source_rates[quiet] for v in verdicts])
-    recent = np.array([v.recent_rates[quiet] for v in verdicts])
-    at = np.array([*run, lone]) - 300
+    published = np.array([v.anomaly_rates[quiet] for v in verdicts])
+    return detector, flagged, longrun, published, np.array(outliers) - 300
+
+
+RUN_SETTINGS = DetectorSettings(min_train=2_000, warmup_events=20, fit=FLEET_FIT)
+
+
+def test_a_runs_repeats_rank_below_its_first_anomaly() -> None:
+    """The run's first anomaly publishes its long-run rate; the next ones, read against
+    the source's recent alarms too, rank below it. By the lone outlier 300 events later
+    the recent share has faded, and it publishes its long-run rate again."""
+    _, flagged, longrun, published, at = run_then_lone_outlier(RUN_SETTINGS)
     assert flagged[at].all()
     first, repeats, later = at[0], at[1:-1], at[-1]
-    assert recent[first] == longrun[first]
-    assert (recent[repeats] > 10 * longrun[repeats]).all()
-    assert (recent[repeats] > recent[first]).all()
-    assert recent[later] == longrun[later]
+    assert published[first] == longrun[first]
+    assert (published[repeats] > 10 * longrun[repeats]).all()
+    assert (published[repeats] > published[first]).all()
+    assert published[later] == longrun[later]
+
+
+def test_without_the_recent_share_anomalies_publish_the_long_run_rate() -> None:
+    settings = replace(RUN_SETTINGS, recent_halflife_events=0.0)
+    detector, flagged, longrun, published, at = run_then_lone_outlier(settings)
+    assert flagged[at].all()
+    np.testing.assert_array_equal(published, longrun)
+    # Not kept either: the changelog carries none.
+    shares = detector.normalizer.exceedance(detector.normalizer.rows(["s12"], create=False))
+    assert shares[0, LONG_RUN] > 0
+    assert np.isnan(shares[0, RECENT])

@@ -84,6 +84,16 @@ def test_table_is_bounded_and_evicts_the_least_recently_seen() -> None:
     assert norm.evicted_total >= 1
 
 
+def test_a_reused_row_starts_with_no_exceedance_shares() -> None:
+    norm = SourceNormalizer(1, max_sources=2)
+    rows = norm.rows(["a", "b"])
+    norm.set_exceedance(rows, np.array([[0.1, 0.9], [0.2, 0.8]]))
+    norm.rows(["b"])  # a is now the least recently seen
+    (row,) = norm.rows(["newcomer"])
+    assert row in rows  # a's row, evicted and handed over
+    assert np.isnan(norm.exceedance(np.array([row]))).all()
+
+
 def test_disabled_is_the_identity() -> None:
     norm = SourceNormalizer(2, enabled=False)
     values = np.array([[1.0, 2.0]])
