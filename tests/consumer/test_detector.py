@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from consumer.detector import Detector, DetectorSettings, rounds
+from consumer.detector import Detector, DetectorSettings, Verdict, rounds
 from consumer.events import Event
 from consumer.model import FitParams, fit_model
 from consumer.normalize import LONG_RUN, RECENT
@@ -188,6 +188,18 @@ def fleet_with_outliers(
 FLEET_FIT = FitParams(n_estimators=50, seed=1)
 
 
+def warm_then_judge(
+    detector: Detector, batches: list[list[Event]], warm: int = 300
+) -> list[Verdict]:
+    """Learn the first ``warm`` batches, fit a model on the history, judge the rest."""
+    for batch in batches[:warm]:
+        detector.learn(detector.prepare(batch))
+    training, version = detector.training_set(0.0)
+    model = fit_model(training, FLEET_FIT, version=version, fitted_at=0.0,
+                      layout=detector.layout)  # fmt: skip
+    return [detector.judge(detector.prepare(batch), model)[1] for batch in batches[warm:]]
+
+
 def run_fleet(
     rate: float, params: FitParams = FLEET_FIT, seed: int = 0
 ) -> tuple[Detector, np.ndarray, np.ndarray]:
@@ -278,16 +290,7 @@ def test_a_source_stuck_at_a_plausible_value_is_reported() -> None:
         batches[tick][7] = Event(frozen.source, float(tick), frozen.values, {})
     settings = DetectorSettings(min_train=2_000, warmup_events=20, fit=FLEET_FIT)
     detector = Detector(2, settings)
-    for batch in batches[:300]:
-        detector.learn(detector.prepare(batch))
-    training, version = detector.training_set(0.0)
-    model = fit_model(training, FLEET_FIT, version=version, fitted_at=0.0,
-                      layout=detector.layout)  # fmt: skip
-    flagged = []
-    for batch in batches[300:]:
-        _, verdict = detector.judge(detector.prepare(batch), model)
-        flagged.append(verdict.anomalous)
-    found = np.array(flagged)
+    found = np.array([v.anomalous for v in warm_then_judge(detector, batches)])
     assert found[stuck_from - 300 : stuck_to - 300, 7].sum() >= 20
     assert found[:, [s for s in range(20) if s != 7]].sum() <= 3
 
@@ -357,12 +360,7 @@ def test_a_noisy_source_does_not_outrank_a_quiet_sources_anomaly() -> None:
     e = batches[spike_at][quiet]
     batches[spike_at][quiet] = Event(e.source, e.ts, (10.0 ** (quiet % 4) * 1.4, e.values[1]), {})
     detector = Detector(2, DetectorSettings(min_train=2_000, warmup_events=20, fit=FLEET_FIT))
-    for batch in batches[:300]:
-        detector.learn(detector.prepare(batch))
-    training, version = detector.training_set(0.0)
-    model = fit_model(training, FLEET_FIT, version=version, fitted_at=0.0,
-                      layout=detector.layout)  # fmt: skip
-    verdicts = [detector.judge(detector.prepare(batch), model)[1] for batch in batches[300:]]
+    verdicts = warm_then_judge(detector, batches)
     flagged = np.array([v.anomalous for v in verdicts])
     fleet = np.array([v.false_alarm_rates for v in verdicts])
     own = np.array([v.source_rates for v in verdicts])
@@ -389,12 +387,7 @@ def run_then_lone_outlier(
         e = batches[t][quiet]
         batches[t][quiet] = Event(e.source, e.ts, (10.0 ** (quiet % 4) * 1.4, e.values[1]), {})
     detector = Detector(2, settings)
-    for batch in batches[:300]:
-        detector.learn(detector.prepare(batch))
-    training, version = detector.training_set(0.0)
-    model = fit_model(training, FLEET_FIT, version=version, fitted_at=0.0,
-                      layout=detector.layout)  # fmt: skip
-    verdicts = [detector.judge(detector.prepare(batch), model)[1] for batch in batches[300:]]
+    verdicts = warm_then_judge(detector, batches)
     flagged = np.array([v.anomalous[quiet] for v in verdicts])
     longrun = np.array([v.source_rates[quiet] for v in verdicts])
     published = np.array([v.anomaly_rates[quiet] for v in verdicts])
