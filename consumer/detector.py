@@ -154,10 +154,10 @@ class DetectorSettings:
     # reporting every 10 s: a source noisy last week is trusted again.
     calibration_halflife_events: float = 20_000.0
     # The same share over a source's last events (0: not kept; it needs the long-run
-    # share, calibration_halflife_events > 0), and an anomaly's
-    # published rate read against whichever share is higher: an anomaly right after
-    # others of its source is less news than the first (HTM's anomaly likelihood reads
-    # its scores against the last few likewise). It changes no decision, only how the
+    # share, calibration_halflife_events > 0), and an anomaly's published rate read
+    # against whichever share is higher: an anomaly right after others of its source
+    # is less news than the first (HTM's anomaly likelihood reads its scores against
+    # the last few likewise). It changes no decision, only how the
     # anomalies rank. On NAB's development subset (published anomalies, offline;
     # standard / low FP), half-lives of 8, 15, 20, 30 and 60 events gave 50.8 / 41.8,
     # 53.1 / 41.0, 53.1 / 37.6, 52.8 / 36.2 and 47.3 / 32.1, against 43.2 / 34.1
