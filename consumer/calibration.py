@@ -54,6 +54,13 @@ def calibrated(rates: FloatArray, exceedance: FloatArray, budget_share: float) -
     return out
 
 
+def calibrated_highest(rates: FloatArray, shares: FloatArray, budget_share: float) -> FloatArray:
+    """Each rate read against the highest of its source's shares (rows x spans: the
+    long run, the recent events): an anomaly among others of its source is read as one
+    of a run, and one after a quiet spell as its long run says (``calibrated``)."""
+    return calibrated(rates, shares.max(axis=1), budget_share)
+
+
 def walk(
     inverse: IntArray,
     start: FloatArray,

@@ -19,7 +19,7 @@ from typing import Self
 
 import numpy as np
 
-from consumer.calibration import calibrated, walk
+from consumer.calibration import calibrated, calibrated_highest, walk
 from consumer.events import Event, Events
 from consumer.model import (
     NO_TESTS,
@@ -286,13 +286,9 @@ class Detector:
             else:
                 shares = np.nan_to_num(self.normalizer.exceedance(prepared.rows)[:, kept], nan=b)
 
-            def against(share: FloatArray) -> FloatArray:
-                read: FloatArray = calibrated(rates / PER_EVENTS, share, b) * PER_EVENTS
-                return read
-
-            source_rates = anomaly_rates = against(shares[:, LONG_RUN])
-            if len(spans) > 1:
-                anomaly_rates = against(shares.max(axis=1))
+            fleet = rates / PER_EVENTS
+            source_rates = calibrated(fleet, shares[:, LONG_RUN], b) * PER_EVENTS
+            anomaly_rates = calibrated_highest(fleet, shares, b) * PER_EVENTS
         return Verdict(
             scores, anomalous & prepared.warmed, model, rates, source_rates, anomaly_rates
         )

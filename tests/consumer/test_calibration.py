@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumer.calibration import calibrated, walk
+from consumer.calibration import calibrated, calibrated_highest, walk
 
 B = 1e-4  # the default budget, per event
 
@@ -25,6 +25,21 @@ B = 1e-4  # the default budget, per event
 )
 def test_calibrated(rate: float, share: float, expected: float) -> None:
     got = calibrated(np.array([rate]), np.array([share]), B)
+    assert got[0] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("rate", "longrun", "recent", "expected"),
+    [
+        (1e-5, B, B, 1e-5),  # quiet in the long run and lately: the rate itself
+        (1e-5, B, np.sqrt(B), np.sqrt(1e-5)),  # right after alarms: read as a run's
+        (1e-5, np.sqrt(B), B, np.sqrt(1e-5)),  # quiet lately, noisy in the long run
+        (1e-5, np.sqrt(B), 1.0, 1.0),  # every recent event flagged: nothing is rare
+        (0.0, B, np.sqrt(B), B),
+    ],
+)
+def test_calibrated_highest(rate: float, longrun: float, recent: float, expected: float) -> None:
+    got = calibrated_highest(np.array([rate]), np.array([[longrun, recent]]), B)
     assert got[0] == pytest.approx(expected, rel=1e-9)
 
 
