@@ -29,7 +29,7 @@ def judged(anomalous: list[bool]) -> tuple[Prepared, Verdict]:
     prepared = Prepared(events, np.arange(5), np.zeros((5, 2)), np.array(FEATURES),
                         np.ones(5, dtype=bool))  # fmt: skip
     model = cast(FittedModel, None)  # incident_points never reads the model
-    # The recent rates are the anomalies' to publish: the incidents never read them.
+    # The anomaly rates are the anomaly records' to publish: the incidents never read them.
     verdict = Verdict(np.array(SCORES), np.array(anomalous), model, np.array(RATES),
                       np.array(SOURCE_RATES), np.full(5, np.nan))  # fmt: skip
     return prepared, verdict
