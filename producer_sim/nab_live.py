@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from consumer.incidents import OPEN
+from consumer.topic_reader import read_partitions
 from consumer.topics import ensure_topics
 from producer_sim.detector_process import DetectorProcess
 from producer_sim.nab import ROOT, Scores, Series, interleave, join_anomalies
@@ -172,28 +173,13 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
 
 async def read_all(bootstrap: str, topic: str, partitions: int = 1) -> list[bytes]:
     """Every record value of a topic up to its end offsets as of now."""
-    # Measured: with aiokafka's default reset ("latest") this consumer never got a record
-    # after seek_to_beginning, and waited forever.
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        assigned = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(assigned)
-        end = await consumer.end_offsets(assigned)
-        await consumer.seek_to_beginning(*assigned)
-        values: list[bytes] = []
-        remaining = {tp for tp in assigned if end[tp] > 0}
-        while remaining:
-            fetched = await consumer.getmany(*remaining, timeout_ms=1000)
-            for tp, records in fetched.items():
-                values += [r.value or b"" for r in records if r.offset < end[tp]]
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        return values
-    finally:
-        await consumer.stop()
+    values: list[bytes] = []
+
+    def keep(tp: TopicPartition, records: Sequence[Any]) -> None:
+        values.extend(r.value or b"" for r in records)
+
+    await read_partitions(bootstrap, [TopicPartition(topic, p) for p in range(partitions)], keep)
+    return values
 
 
 async def wait_for(what: str, timeout_seconds: float, service: DetectorProcess, check: Any) -> None:
