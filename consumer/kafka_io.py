@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -46,6 +47,20 @@ class StartupError(Exception):
 
 class Fenced(Exception):
     """A newer instance with the same transactional id took over: this one must stop."""
+
+
+def json_value(doc: Any, option: int = 0) -> bytes:
+    """``doc`` as JSON for a record value that is kept until the broker acknowledges it.
+
+    orjson (3.12 and later) hands back its whole write buffer, never shrunk to the
+    JSON's length: 4 KiB at least, and a power of two above (tracemalloc, orjson
+    3.13.0: 123 bytes held 8 KiB, a 1,103-byte changelog record with its hour
+    profile 64 KiB). The detector holds a batch's anomaly and changelog records until
+    they are delivered, and a held batch's changelog records longer: with 10,000
+    sources the process grew from about 900 MiB to 2 GiB. A copy of exactly its
+    length costs about 0.2 us a record.
+    """
+    return bytes(memoryview(orjson.dumps(doc, option=option)))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import orjson
 from consumer.calibration import published_rate
 from consumer.detector import Prepared, Verdict
 from consumer.events import Invalid
-from consumer.kafka_io import Message
+from consumer.kafka_io import Message, json_value
 
 # An anomaly larger than this leaves out the event's metrics (the record it points to
 # holds them): a few hundred bytes otherwise, far under any topic's limit.
@@ -84,13 +84,13 @@ def anomaly_messages(
             # Which metric is off, and how far, in its source's own standard deviations.
             zscores = prepared.features[i, : len(features)].round(3).tolist()
             doc["zscores"] = dict(zip(features, zscores, strict=True))
-        value = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        value = json_value(doc, orjson.OPT_SERIALIZE_NUMPY)
         if len(value) > MAX_ANOMALY_BYTES:
             # An input record may carry up to --max-message-bytes of extra metrics; its
             # anomaly must still fit the output topic, or it would be retried forever.
             doc["metrics"] = None
             doc["metrics_omitted_bytes"] = len(orjson.dumps(event.metrics))
-            value = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+            value = json_value(doc, orjson.OPT_SERIALIZE_NUMPY)
         out.append(Message(topic, event.source.encode(), value, []))
     return out
 
@@ -112,4 +112,4 @@ def dead_letter(topic: str, record: Record, why: Invalid) -> Message:
 
 def incident_message(topic: str, record: Mapping[str, Any]) -> Message:
     """An incident's state change (``consumer.incidents``), keyed by its source."""
-    return Message(topic, str(record["source"]).encode(), orjson.dumps(record), [])
+    return Message(topic, str(record["source"]).encode(), json_value(record), [])

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from consumer.kafka_io import Message
+from consumer.kafka_io import Message, json_value
 from consumer.normalize import (
     EXCEEDANCE_SPANS,
     LONG_RUN,
@@ -114,7 +114,7 @@ class SourceState:
 
 def encode(state: SourceState) -> bytes:
     season = state.season
-    return orjson.dumps(
+    return json_value(
         {
             "v": FORMAT_VERSION,
             "offset": state.offset,

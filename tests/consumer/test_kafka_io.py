@@ -7,10 +7,12 @@ tests/integration/test_poison.py; here is the logic that decides what to send ne
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import IllegalOperation, KafkaConnectionError, MessageSizeTooLargeError
@@ -27,6 +29,7 @@ from consumer.kafka_io import (
     Publisher,
     RetryPolicy,
     consumer_for,
+    json_value,
 )
 
 BROKER_LIMIT_BYTES = 1_048_588  # the broker's default message.max.bytes
@@ -370,3 +373,18 @@ async def test_static_membership_names_the_member_only_when_asked(
     consumer = consumer_for(config)
     assert consumer._group_instance_id == expected
     await consumer.stop()
+
+
+def test_a_json_value_holds_no_more_memory_than_its_length() -> None:
+    """orjson 3.12+ hands back its whole write buffer (4 KiB at least); the records a
+    batch holds until delivery must not keep that (see ``json_value``)."""
+    doc = {"source": "host-1", "mean": list(range(300))}
+    tracemalloc.start()
+    try:
+        kept = [json_value(doc) for _ in range(100)]
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept[0] == orjson.dumps(doc)
+    # Each bytes object: its length plus a 33-byte header; plus the list itself.
+    assert held < 100 * (len(kept[0]) + 64) + 2048
