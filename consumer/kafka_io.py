@@ -58,7 +58,7 @@ def json_value(doc: Any, option: int = 0) -> bytes:
     records until they are delivered, and a held batch's changelog records longer;
     since the hour profiles a changelog record is over a kilobyte, and with 10,000
     sources the process held 2,074 MiB instead of 736 (``python -m bench.run --only
-    memory --memory-seconds 150``). The copy, of exactly the JSON's length, took an
+    memory --memory-seconds 150``). The copy, of exactly the JSON's length, took a
     1,819-byte document from 1.80 to 2.18 us (timeit).
     """
     return bytes(memoryview(orjson.dumps(doc, option=option)))
