@@ -25,6 +25,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from consumer.snapshot import decode
 from consumer.topics import MODEL_MESSAGE_MAX_BYTES
 from consumer.topics import main as topics_main
+from producer_sim.detector_process import sample
 from tests.conftest import Broker, TopicFactory
 from tests.integration.helpers import (
     committed,
@@ -35,6 +36,7 @@ from tests.integration.helpers import (
     wait_all_committed,
 )
 from tests.integration.test_reliability import (
+    Position,
     committed_total,
     detector,
     stream,
@@ -98,15 +100,21 @@ async def test_a_detector_killed_with_9_is_replaced_by_one_judging_at_once_with_
     records = stream_records(8000, seed=11)
 
     first = detector(tmp_path, "first", kafka, topics, group, *extra).start()
+    producing: asyncio.Task[list[Position]] | None = None
     try:
         await first.wait_assigned()
         producing = asyncio.create_task(stream(bootstrap, topics[0], records[:5000], 1000))
 
         async def fitted_on_the_stream() -> bool:
-            # The model in use learned from thousands of rows, and it was published.
-            published = first.metric("anomaly_detector_model_snapshots_total", result="ok")
-            version = first.metric("anomaly_detector_model_version")
-            rows = first.metric("anomaly_detector_model_training_events")
+            # The model in use learned from thousands of rows, and it was published. One
+            # scrape: read apart, a refit between the reads paired one version's rows with
+            # the version and publications before it.
+            samples = first.scrape()
+            if samples is None:
+                return False
+            published = sample(samples, "anomaly_detector_model_snapshots_total", result="ok")
+            version = sample(samples, "anomaly_detector_model_version")
+            rows = sample(samples, "anomaly_detector_model_training_events")
             if published is None or version is None or rows is None:
                 return False
             done = await committed_total(kafka, group, topics[0])
@@ -116,15 +124,21 @@ async def test_a_detector_killed_with_9_is_replaced_by_one_judging_at_once_with_
         first.kill()
         killed_at = time.time()
         committed_at_kill = await committed(bootstrap, group, topics[0])
+    except BaseException:
+        if producing is not None:  # its producer closed, not left to a later test's GC
+            producing.cancel()
+            await asyncio.gather(producing, return_exceptions=True)
+        raise
     finally:
         first.stop_if_running()
+    assert producing is not None
+    positions = await producing
 
     published = await snapshots(bootstrap, models, group)
     newest = decode(published[-1].value).model
     assert len(published[-1].value) > 1 << 20, "the test meant a snapshot over 1 MiB"
     assert newest.training_size > 1000
 
-    positions = await producing
     second = detector(tmp_path, "second", kafka, topics, group, *extra).start()
     try:
         # The rest of the stream comes once it runs: its first windows hold the records
