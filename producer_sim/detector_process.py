@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Self
 
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 
 def free_port() -> int:
@@ -23,14 +22,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def sample(samples: list[Sample], name: str, **labels: str) -> float | None:
-    """The value of the sample ``name`` with ``labels`` in a scrape; None if absent."""
-    for s in samples:
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-            return float(s.value)
-    return None
 
 
 class DetectorProcess:
@@ -73,18 +64,16 @@ class DetectorProcess:
 
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample from the process's /metrics; None while it does not answer."""
-        samples = self.scrape()
-        return None if samples is None else sample(samples, name, **labels)
-
-    def scrape(self) -> list[Sample] | None:
-        """Every sample of one read of /metrics, so that several values read from it
-        belong to the same moment; None while the process does not answer."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
                 text = r.read().decode()
         except OSError:
             return None
-        return [s for family in text_string_to_metric_families(text) for s in family.samples]
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return None
 
     def status(self, path: str) -> int | None:
         try:

@@ -11,6 +11,7 @@ that the source's statistics came from the changelog (no warm-up).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from consumer.snapshot import decode
 from consumer.topics import MODEL_MESSAGE_MAX_BYTES
 from consumer.topics import main as topics_main
-from producer_sim.detector_process import sample
 from tests.conftest import Broker, TopicFactory
 from tests.integration.helpers import (
     committed,
@@ -106,19 +106,16 @@ async def test_a_detector_killed_with_9_is_replaced_by_one_judging_at_once_with_
         producing = asyncio.create_task(stream(bootstrap, topics[0], records[:5000], 1000))
 
         async def fitted_on_the_stream() -> bool:
-            # The model in use learned from thousands of rows, and it was published. One
-            # scrape: read apart, a refit between the reads paired one version's rows with
-            # the version and publications before it.
-            samples = first.scrape()
-            if samples is None:
-                return False
-            published = sample(samples, "anomaly_detector_model_snapshots_total", result="ok")
-            version = sample(samples, "anomaly_detector_model_version")
-            rows = sample(samples, "anomaly_detector_model_training_events")
-            if published is None or version is None or rows is None:
-                return False
+            # The newest model published learned from thousands of rows. Read from the
+            # detector's log, one record of what it fitted and published: its metrics,
+            # read one after the other, once paired a refit's rows with the version and
+            # publications of the fit before it.
+            log = first.log()
+            published = [int(v) for v in re.findall(r"model version (\d+) published", log)]
+            fitted = dict(re.findall(r"model version (\d+) fitted on (\d+) events", log))
+            rows = int(fitted[str(max(published))]) if published else 0
             done = await committed_total(kafka, group, topics[0])
-            return rows >= 1500 and published >= version and done >= 2500
+            return rows >= 1500 and done >= 2500
 
         await eventually(fitted_on_the_stream, what="a model of 1500 rows published")
         first.kill()
