@@ -186,8 +186,10 @@ async def test_each_fit_is_published_and_decodes_to_the_model_in_use() -> None:
     snapshot = decode(value, LAYOUT)
     assert snapshot.model.version == 1
     await stop(loop)
-    # Every snapshot sent was acked, and the gauge gives the size of the last one (read
-    # before the stop, it could be the second fit's, acked since: 15,529 against 15,530).
+    # Every snapshot sent was acked, and the gauge gives the size of the last one: the
+    # cold start's end asks for a second fit, which may be acked by now (compared with
+    # the first snapshot, the gauge once read 15,529 bytes against 15,530). After the
+    # stop nothing more is sent.
     assert metric(loop, "model_snapshots_total", result="ok") == len(producer.sent)
     assert metric(loop, "model_snapshot_bytes") == len(producer.sent[-1][1])
 
