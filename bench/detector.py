@@ -141,7 +141,7 @@ async def detector_drain(
     )
     await create_topics(bootstrap, [topics[1]], 8)
     await create_topics(bootstrap, list(topics[2:]), 1)
-    topics = (*topics, await create_state_topic(bootstrap, input_topic))
+    topics = (*topics, await create_state_topic(bootstrap, input_topic, tag))
     guarantee = "exactly-once" if exactly_once else "at-least-once"
     config = bench_config(
         bootstrap, topics, f"{prefix}-detector-{tag}", "--processing-guarantee", guarantee

@@ -60,16 +60,19 @@ class LocalKafka:
             self.started = False
 
 
-async def create_state_topic(bootstrap: str, input_topic: str) -> str:
-    """The detector's state changelog for ``input_topic``: ``<input>.state``, compacted,
-    with as many partitions as the input."""
+async def create_state_topic(bootstrap: str, input_topic: str, run: str = "") -> str:
+    """The detector's state changelog for ``input_topic``: ``<input>.state[-<run>]``,
+    compacted, with as many partitions as the input. Each run on one input topic needs
+    its own (``run``): at every assignment an instance reads its partitions' changelog
+    to the end before it resumes them, so a changelog an earlier run left was read on
+    the later run's clock (every record skipped, none of them committed by its group)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench")
     await admin.start()
     try:
         (described,) = await admin.describe_topics([input_topic])
     finally:
         await admin.close()
-    name = f"{input_topic}.state"
+    name = f"{input_topic}.state-{run}" if run else f"{input_topic}.state"
     await create_topics(bootstrap, [name], len(described["partitions"]), compact=True)
     return name
 
