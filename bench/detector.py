@@ -25,7 +25,11 @@ from producer_sim.report import Detection
 PRIME_CHUNK = 5000
 
 
-def bench_config(bootstrap: str, topics: Sequence[str], group: str, *extra: str) -> Config:
+def bench_config(
+    bootstrap: str, topics: Sequence[str], group: str, *extra: str, instance: str | None = None
+) -> Config:
+    """The service's configuration for a run of the benchmark; the instance is named after
+    its group unless ``instance`` names it."""
     input_topic, output_topic, dlq_topic, incidents_topic, state_topic = topics
     return load_config(
         [
@@ -36,7 +40,7 @@ def bench_config(bootstrap: str, topics: Sequence[str], group: str, *extra: str)
             "--incidents-topic", incidents_topic,
             "--state-topic", state_topic,
             "--group-id", group,
-            "--instance-id", group,
+            "--instance-id", instance or group,
             "--metrics-host", "127.0.0.1",
             "--metrics-port", "0",
             *extra,

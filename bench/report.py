@@ -159,6 +159,8 @@ def render(results: Results) -> str:
         ("detector, warm, exactly-once", results.get("exactly_once"), "quality"),
         ("naive IsolationForest per batch", results.get("naive"), "quality"),
         ("River HalfSpaceTrees per event", results.get("river"), "quality"),
+        ("detector, 1 instance in its own process", lookup(results, "scale_out", "one"), "quality"),
+        ("detector, 2 instances in one group", lookup(results, "scale_out", "two"), "quality"),
     ]
     for name, section, _ in rows:
         if section is None:
@@ -186,6 +188,19 @@ def render(results: Results) -> str:
         lines.append(
             f"per CPU-second of this process: detector / naive {det_cpu / naive_cpu:.2f}x "
             "(events/s / events per CPU-second = cores used)"
+        )
+    scale = results.get("scale_out") or {}
+    if "error" in scale:
+        lines.append(f"scale-out: {scale['error']}")
+    elif scale:
+        two, naive = (
+            lookup(scale, "two", "events_per_second"),
+            lookup(results, "naive", "events_per_second"),
+        )
+        lines.append(
+            f"2 instances / 1 instance: {scale['two_to_one']:.2f}x"
+            + (f"; 2 instances / naive: {two / naive:.2f}x" if naive else "")
+            + " (their ev/CPU-s: the instances' processes)"
         )
     lat = _section(lines, results, "latency", "latency")
     if lat:

@@ -1,7 +1,8 @@
 """``make bench``: everything measured side by side, in one run, on this machine.
 
     python -m bench.run [--quick] [--events N] [--bootstrap-servers HOST:PORT]
-        [--json PATH] [--only drain,detector,naive,river,exactly_once,latency,memory,state]
+        [--json PATH]
+        [--only drain,detector,naive,river,exactly_once,scale_out,latency,memory,state]
 
 Without --bootstrap-servers (or KAFKA_BOOTSTRAP_SERVERS) it starts the local Kafka on
 port 29692 (scripts/kafka-local) and stops it at the end if it started it. The topics
@@ -37,13 +38,16 @@ from bench.kafka import LocalKafka, create_topics, delete_topics, prefill
 from bench.latency import latency
 from bench.memory import memory
 from bench.quality import quality, read_truth
+from bench.scale_out import drain_with
 from bench.state_restore import state_restore
 from bench.stream import SIM_RATE, Fleet, Record, Stream, encoded
 from producer_sim.evaluate import TruthReader
 from producer_sim.generator import METRIC_NAMES
 from producer_sim.report import Detection
 
-SECTIONS = ("drain", "detector", "naive", "river", "exactly_once", "latency", "memory", "state")
+SECTIONS = (
+    "drain", "detector", "naive", "river", "exactly_once", "scale_out", "latency", "memory", "state"
+)  # fmt: skip
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # River's quantile filter keeps the share the detector flagged by default before its
 # threshold became a false-alarm budget (--contamination 0.002).
@@ -153,7 +157,7 @@ async def _measure(
     results: dict[str, Any],
 ) -> None:
     topic = f"{prefix}-metrics"
-    needs_topic = only & {"drain", "detector", "naive", "river", "exactly_once"}
+    needs_topic = only & {"drain", "detector", "naive", "river", "exactly_once", "scale_out"}
     prime_records: list[Record] = []
     truth = TruthReader()
     if needs_topic:
@@ -165,7 +169,7 @@ async def _measure(
         say(f"prefilling {topic} with {s.events:,} events ({s.partitions} partitions)")
         seconds = await prefill(bootstrap, topic, stream, s.events)
         results["prefill"] = {"events": s.events, "seconds": seconds}
-        if only & {"detector", "naive", "river", "exactly_once"}:
+        if only & {"detector", "naive", "river", "exactly_once", "scale_out"}:
             truth = await read_truth(bootstrap, topic)
             results["truth"] = {
                 "events": truth.events,
@@ -218,6 +222,24 @@ async def _measure(
     eos = report.lookup(results, "exactly_once", "events_per_second")
     if alo and eos:
         results["exactly_once"]["ratio_to_at_least_once"] = eos / alo
+    if "scale_out" in only:
+
+        async def scale_out() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for key, instances in (("one", 1), ("two", 2)):
+                value, detections = await drain_with(
+                    instances, bootstrap, topic, prefix, prime_records, s.partitions
+                )
+                value["quality"] = quality(truth, detections)
+                raw = report.lookup(results, "drain", "raw", "events_per_second")
+                value["ratio_to_raw"] = value["events_per_second"] / raw if raw else None
+                out[key] = value
+            out["two_to_one"] = out["two"]["events_per_second"] / out["one"]["events_per_second"]
+            return out
+
+        value = await _section(results, "scale_out", scale_out())
+        if value is not None:
+            results["scale_out"] = value
     if "latency" in only:
         value = await _section(
             results,

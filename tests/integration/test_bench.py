@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import ROOT, Broker
 
-SECTIONS = ("drain", "detector", "naive", "river", "exactly_once", "latency", "memory")
+SECTIONS = ("drain", "detector", "naive", "river", "exactly_once", "scale_out", "latency", "memory")
 
 
 def _rate(section: dict[str, Any]) -> None:
@@ -81,6 +81,19 @@ def test_quick_bench_measures_every_section(kafka: Broker, tmp_path: Path) -> No
     else:
         _rate(results["river"])
         _quality(results["river"])
+
+    # Scaling out: one instance in its own process, then two in one group, each reading
+    # every record once (a rebalance during the drain would show as records read again).
+    scale = results["scale_out"]
+    for key, instances in (("one", 1), ("two", 2)):
+        run = scale[key]
+        assert run["instances"] == instances
+        _rate(run)
+        assert run["events"] == events, run
+        assert run["reread"] == 0, run
+        _quality(run)
+    assert scale["two_to_one"] > 0
+    assert "2 instances / 1 instance: " in done.stdout
 
     latency = results["latency"]
     assert latency["rate_achieved"] > 0
