@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
 from multiprocessing.synchronize import Event as EventType
 from typing import Any
@@ -38,38 +40,49 @@ from bench.stream import Record
 from consumer.app import Service, tune_gc
 from producer_sim.report import Detection
 
-# Priming 50,000 events takes a few seconds per instance; both prime at once.
+# Generous: two spawned processes import sklearn (and numba, which compiles the forest's
+# walk) and prime 50,000 events each, at once on two cores.
 _READY_TIMEOUT_SECONDS = 300.0
+_SETTLE_TIMEOUT_SECONDS = 60.0
 _DRAIN_TIMEOUT_SECONDS = 1800.0
-_POLL_SECONDS = 0.002
+# A stopping instance closes, publishes and commits its last window; then its service
+# closes its clients and its fitting process.
+_STOP_TIMEOUT_SECONDS = 120.0
+_EXIT_TIMEOUT_SECONDS = 180.0
+# How often the parent and the instances look at what they share. The in-process
+# detector row polls its counter every 20 ms; the instances look at the stop every 5.
+_POLL_SECONDS = 0.005
 
 
 @dataclass
 class Shared:
-    """What the parent and its instances share: events, and counters in shared memory
-    (one slot per instance)."""
+    """What the parent and its instances share: two events, and values in shared memory."""
 
     go: EventType
     stop: EventType
-    ready: SynchronizedArray[Any]  # 1 once primed and started
-    assigned: SynchronizedArray[Any]  # partitions assigned now
-    consumed: SynchronizedArray[Any]  # records read so far
-    positions: SynchronizedArray[Any]  # per input partition, the offset after the last read
-    ended_at: SynchronizedArray[Any]  # perf_counter once stopped (system-wide clock)
-    cpu_seconds: SynchronizedArray[Any]  # the instance's process time from go to stopped
-    failed: Synchronized[Any]  # set by an instance that raised
+    # One slot per instance:
+    ready: SynchronizedArray[int]  # 1 once primed
+    assigned: SynchronizedArray[int]  # partitions assigned, until go
+    restoring: SynchronizedArray[int]  # partitions whose state is being restored, until go
+    consumed: SynchronizedArray[int]  # records read, once stopped
+    ended_at_seconds: SynchronizedArray[float]  # perf_counter once stopped (one clock for all)
+    cpu_seconds: SynchronizedArray[float]  # the instance's process time from go to stopped
+    # One slot per input partition: the offset after the last record read.
+    positions: SynchronizedArray[int]
+    failed: Synchronized[int]  # set by an instance that raised
 
     @classmethod
-    def make(cls, context: Any, instances: int, partitions: int) -> Shared:
+    def make(cls, context: SpawnContext, instances: int, partitions: int) -> Shared:
         return cls(
             go=context.Event(),
             stop=context.Event(),
             ready=context.Array("i", instances),
             assigned=context.Array("i", instances),
+            restoring=context.Array("i", instances),
             consumed=context.Array("q", instances),
-            positions=context.Array("q", partitions),
-            ended_at=context.Array("d", instances),
+            ended_at_seconds=context.Array("d", instances),
             cpu_seconds=context.Array("d", instances),
+            positions=context.Array("q", partitions),
             failed=context.Value("i", 0),
         )
 
@@ -82,13 +95,17 @@ def instance(
     prime_records: list[Record],
     shared: Shared,
 ) -> None:
-    """One instance (runs in its own process): start, prime, wait for go, drain until
+    """One instance (the target of its process): start, prime, wait for go, drain until
     told to stop."""
-    try:
-        asyncio.run(_instance(index, bootstrap, topics, group, prime_records, shared))
-    except BaseException:
-        shared.failed.value = 1
-        raise
+    asyncio.run(_instance(index, bootstrap, topics, group, prime_records, shared))
+
+
+async def _until(event: EventType) -> None:
+    # A multiprocessing event, polled rather than waited for in a thread: a thread
+    # blocked on an event the parent never sets would keep asyncio.run, and so the
+    # process, from ending after a failure.
+    while not event.is_set():  # noqa: ASYNC110
+        await asyncio.sleep(_POLL_SECONDS)
 
 
 async def _instance(
@@ -101,62 +118,72 @@ async def _instance(
 ) -> None:
     config = bench_config(bootstrap, topics, group, instance=f"{group}-{index}")
     service = Service(config)
-    await service.start()  # subscribes: the group forms while the instances wait for go
-    tune_gc()  # as `python -m consumer` does
     task: asyncio.Task[None] | None = None
-    processor = service.processor
-    assert processor is not None
-    health, consumed = processor.observer.health, processor.observer.metrics.events_consumed
-    observe = processor.observer.consumed
-
-    def consumed_and_where(tp: Any, records: int, last_offset: int, highwater: Any) -> None:
-        observe(tp, records, last_offset, highwater)
-        shared.positions[tp.partition] = last_offset + 1
-
-    processor.observer.consumed = consumed_and_where  # type: ignore[method-assign]
-
-    async def report() -> None:
-        while True:
-            shared.assigned[index] = health.assigned_partitions
-            shared.consumed[index] = int(counter_value(consumed))
-            await asyncio.sleep(_POLL_SECONDS)
-
-    reporting = asyncio.create_task(report())
+    reporting: asyncio.Task[None] | None = None
     try:
+        await service.start()  # subscribes: the group forms while the instances wait
+        tune_gc()  # as `python -m consumer` does
+        processor = service.processor
+        assert processor is not None
+        observer = processor.observer
+        observe = observer.consumed
+
+        def consumed_and_where(
+            tp: TopicPartition, records: int, last_offset: int, highwater: int | None
+        ) -> None:
+            observe(tp, records, last_offset, highwater)
+            shared.positions[tp.partition] = last_offset + 1
+
+        # The loop calls this for every fetched record (valid or not): the parent
+        # learns from it when every partition has been read to its end.
+        observer.consumed = consumed_and_where  # type: ignore[method-assign]
+
+        async def report() -> None:
+            while True:
+                shared.assigned[index] = observer.health.assigned_partitions
+                shared.restoring[index] = observer.health.restoring_partitions
+                await asyncio.sleep(_POLL_SECONDS)
+
+        reporting = asyncio.create_task(report())
         prime(processor, prime_records)
         shared.ready[index] = 1
-        await asyncio.to_thread(shared.go.wait)
+        await _until(shared.go)
+        reporting.cancel()
         cpu_before = time.process_time()
         # While it waited, the fetcher read ahead; the seek drops that, so every record
         # is read after the clock started (the raw drain starts its clock after a seek).
         consumer: AIOKafkaConsumer = processor.consumer
-        await consumer.seek_to_beginning()
+        if not await consumer.seek_to_beginning():
+            raise RuntimeError(f"instance {index}: the seek to the beginning did not finish")
         task = asyncio.create_task(service.run())
-        await asyncio.wait(
-            [task, asyncio.create_task(asyncio.to_thread(shared.stop.wait))],
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        stop = asyncio.create_task(_until(shared.stop))
+        await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
         if task.done():
             task.result()
             raise RuntimeError(f"instance {index} stopped before the drain ended")
         running, task = task, None
         service.stop()
-        await asyncio.wait_for(running, timeout=120)
-        shared.ended_at[index] = time.perf_counter()
+        await asyncio.wait_for(running, timeout=_STOP_TIMEOUT_SECONDS)
+        shared.ended_at_seconds[index] = time.perf_counter()
         shared.cpu_seconds[index] = time.process_time() - cpu_before
+        shared.consumed[index] = int(counter_value(observer.metrics.events_consumed))
+    except BaseException:
+        shared.failed.value = 1
+        raise
     finally:
-        reporting.cancel()
-        await asyncio.gather(reporting, return_exceptions=True)
-        shared.consumed[index] = int(counter_value(consumed))
+        if reporting is not None:
+            reporting.cancel()
+            await asyncio.gather(reporting, return_exceptions=True)
         await stop_service(service, task)
 
 
-def _watch(processes: list[Any], shared: Shared, ends: list[int]) -> float:
+def _watch(processes: list[SpawnProcess], shared: Shared, ends: list[int]) -> float:
     """Run by the parent (in a thread): wait for the primed instances' group to settle,
     go, and stop the instances once every partition is read to its end; the
     perf_counter time of go."""
 
-    def wait_for(condition: Any, what: str, limit_seconds: float) -> None:
+    def wait_for(condition: Callable[[], bool], what: str, limit_seconds: float) -> None:
         deadline = time.perf_counter() + limit_seconds
         while not condition():
             for i, p in enumerate(processes):
@@ -167,13 +194,18 @@ def _watch(processes: list[Any], shared: Shared, ends: list[int]) -> float:
             time.sleep(_POLL_SECONDS)
 
     wait_for(lambda: all(shared.ready[:]), "every instance was primed", _READY_TIMEOUT_SECONDS)
-    # Every instance with partitions, all of them between the instances: one generation.
+    # Every instance with partitions, all of them between the instances (one
+    # generation), and their state restored.
     wait_for(
-        lambda: min(shared.assigned[:]) > 0 and sum(shared.assigned[:]) == len(ends),
+        lambda: (
+            min(shared.assigned[:]) > 0
+            and sum(shared.assigned[:]) == len(ends)
+            and not any(shared.restoring[:])
+        ),
         "the group to settle",
-        60.0,
+        _SETTLE_TIMEOUT_SECONDS,
     )
-    went = time.perf_counter()
+    go_at_seconds = time.perf_counter()
     shared.go.set()
     wait_for(
         lambda: all(at >= end for at, end in zip(shared.positions[:], ends, strict=True)),
@@ -182,14 +214,15 @@ def _watch(processes: list[Any], shared: Shared, ends: list[int]) -> float:
     )
     shared.stop.set()
     for p in processes:
-        p.join(timeout=180)
+        p.join(timeout=_EXIT_TIMEOUT_SECONDS)
     if any(p.exitcode != 0 for p in processes) or shared.failed.value:
         codes = [p.exitcode for p in processes]
         raise RuntimeError(f"an instance failed while stopping (exit codes {codes})")
-    return went
+    return go_at_seconds
 
 
 async def end_offsets(bootstrap: str, topic: str, partitions: int) -> list[int]:
+    """The offset after the last record of each partition of ``topic``, as of now."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, client_id="bench-scale-out")
     await consumer.start()
     try:
@@ -218,9 +251,11 @@ async def drain_with(
     await create_topics(bootstrap, list(topics[2:]), 1)
     topics = (*topics, await create_state_topic(bootstrap, input_topic, tag))
     group = f"{prefix}-scale-{tag}"
-    context = multiprocessing.get_context("spawn")
     ends = await end_offsets(bootstrap, input_topic, partitions)
+    context = multiprocessing.get_context("spawn")
     shared = Shared.make(context, instances, partitions)
+    # Not daemons: a daemon may not start processes, and each service starts a process
+    # to fit its models in.
     processes = [
         context.Process(
             target=instance,
@@ -229,28 +264,32 @@ async def drain_with(
         )
         for i in range(instances)
     ]
-    for p in processes:
-        p.start()
     try:
-        went = await asyncio.to_thread(_watch, processes, shared, ends)
+        for p in processes:
+            p.start()
+        go_at_seconds = await asyncio.to_thread(_watch, processes, shared, ends)
     finally:
         shared.stop.set()
         shared.go.set()  # an instance still waiting for go stops at once
         for p in processes:
-            await asyncio.to_thread(p.join, 180)
+            if p.pid is None:
+                continue  # never started
+            await asyncio.to_thread(p.join, _EXIT_TIMEOUT_SECONDS)
             if p.exitcode is None:
                 p.kill()
+                await asyncio.to_thread(p.join)
     consumed = sum(shared.consumed[:])
-    seconds = max(shared.ended_at[:]) - went
-    cpu = sum(shared.cpu_seconds[:])
+    seconds = max(shared.ended_at_seconds[:]) - go_at_seconds
+    cpu_seconds = sum(shared.cpu_seconds[:])
     result = {
         "instances": instances,
         "events": consumed,
+        # Records read again after a rebalance: work done, but not more of the backlog.
         "reread": consumed - sum(ends),
         "seconds": seconds,
-        "events_per_second": consumed / seconds,
-        "cpu_seconds_instances": cpu,
-        "events_per_cpu_second": consumed / cpu if cpu else None,
+        "events_per_second": sum(ends) / seconds,
+        "cpu_seconds_instances": cpu_seconds,
+        "events_per_cpu_second": consumed / cpu_seconds if cpu_seconds else None,
     }
     detections = await read_detections(bootstrap, topics[1], isolation_level="read_uncommitted")
     return result, detections
