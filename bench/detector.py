@@ -129,6 +129,20 @@ async def stop_service(service: Service, task: asyncio.Task[None] | None) -> Non
         await service.close()
 
 
+async def create_run_topics(
+    bootstrap: str, input_topic: str, prefix: str, tag: str, partitions: int = 8
+) -> tuple[str, str, str, str, str]:
+    """The topics of one run of the detector on ``input_topic`` (``bench_config``'s
+    order): its anomalies, dead letters, incidents and state changelog, named by ``tag``."""
+    anomalies, dlq, incidents = (
+        f"{prefix}-{name}-{tag}" for name in ("anomalies", "dlq", "incidents")
+    )
+    await create_topics(bootstrap, [anomalies], partitions)
+    await create_topics(bootstrap, [dlq, incidents], 1)
+    state = await create_state_topic(bootstrap, input_topic, tag)
+    return input_topic, anomalies, dlq, incidents, state
+
+
 async def detector_drain(
     bootstrap: str,
     input_topic: str,
@@ -139,13 +153,7 @@ async def detector_drain(
     exactly_once: bool,
 ) -> tuple[dict[str, Any], list[Detection]]:
     tag = "eos" if exactly_once else "alo"
-    topics = (
-        input_topic,
-        *(f"{prefix}-{name}-{tag}" for name in ("anomalies", "dlq", "incidents")),
-    )
-    await create_topics(bootstrap, [topics[1]], 8)
-    await create_topics(bootstrap, list(topics[2:]), 1)
-    topics = (*topics, await create_state_topic(bootstrap, input_topic, tag))
+    topics = await create_run_topics(bootstrap, input_topic, prefix, tag)
     guarantee = "exactly-once" if exactly_once else "at-least-once"
     config = bench_config(
         bootstrap, topics, f"{prefix}-detector-{tag}", "--processing-guarantee", guarantee

@@ -33,8 +33,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.detector import bench_config, counter_value, prime, stop_service
-from bench.kafka import create_state_topic, create_topics
+from bench.detector import bench_config, counter_value, create_run_topics, prime, stop_service
 from bench.quality import read_detections
 from bench.stream import Record
 from consumer.app import Service, tune_gc
@@ -243,13 +242,7 @@ async def drain_with(
 ) -> tuple[dict[str, Any], list[Detection]]:
     """``instances`` processes of one group drain the topic; the rate and detections."""
     tag = f"x{instances}"
-    topics = (
-        input_topic,
-        *(f"{prefix}-{name}-{tag}" for name in ("anomalies", "dlq", "incidents")),
-    )
-    await create_topics(bootstrap, [topics[1]], partitions)
-    await create_topics(bootstrap, list(topics[2:]), 1)
-    topics = (*topics, await create_state_topic(bootstrap, input_topic, tag))
+    topics = await create_run_topics(bootstrap, input_topic, prefix, tag, partitions)
     group = f"{prefix}-scale-{tag}"
     ends = await end_offsets(bootstrap, input_topic, partitions)
     context = multiprocessing.get_context("spawn")
