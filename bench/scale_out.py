@@ -185,8 +185,10 @@ def _watch(processes: list[SpawnProcess], shared: Shared, ends: list[int]) -> fl
     def wait_for(condition: Callable[[], bool], what: str, limit_seconds: float) -> None:
         deadline = time.perf_counter() + limit_seconds
         while not condition():
+            if shared.failed.value:
+                raise RuntimeError(f"an instance failed before {what} (its traceback is above)")
             for i, p in enumerate(processes):
-                if shared.failed.value or p.exitcode is not None:
+                if p.exitcode is not None:
                     raise RuntimeError(f"instance {i} exited (code {p.exitcode}) before {what}")
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"timed out after {limit_seconds:.0f}s waiting for {what}")
