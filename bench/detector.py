@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter
 
 from bench.kafka import create_state_topic, create_topics
@@ -19,10 +22,13 @@ from consumer.config import Config, load_config
 from consumer.detector import Detector, DetectorSettings
 from consumer.events import Event, EventParser
 from consumer.model import fit_model
-from consumer.pipeline import Processor
+from consumer.pipeline import Processor, settings_from
+from consumer.state import StateTracker
 from producer_sim.report import Detection
 
 PRIME_CHUNK = 5000
+# The producers' default: the benchmark's topic is filled with it (producer_sim).
+_PARTITIONER = DefaultPartitioner()
 
 
 def bench_config(
@@ -81,15 +87,74 @@ def warm_detector(
     return detector
 
 
-def prime(processor: Processor, records: list[Record]) -> float:
-    """Give the processor a warm detector (``warm_detector``); returns the seconds it took."""
+@dataclass(frozen=True)
+class Primed:
+    """A warm detector for one run of the service, its statistics already on the run's
+    changelog (``prime``)."""
+
+    features: tuple[str, ...]
+    detector: Detector
+    sources: int  # how many sources' statistics were written
+    seconds: float
+
+
+async def prime(config: Config, records: list[Record]) -> Primed:
+    """Before the service starts: a warm detector (``warm_detector``), and each of its
+    sources' statistics written to the run's changelog (``write_state``).
+
+    The statistics reach the service as a restarted instance's do: its first assignment
+    restores them from the changelog. Given to it directly they did not survive that
+    assignment (``Recovery.plan`` forgets the sources of partitions the instance did not
+    already own: every source, the first time), and every source learned its
+    statistics again from the drained topic, its first 20 events not reported. The
+    changelog is written before the service starts, hence before its group can form
+    (``group.initial.rebalance.delay.ms`` is 0 on the local broker)."""
     started = time.perf_counter()
-    detector = warm_detector(processor.parser, processor.settings, records)
-    assert detector.model is not None
-    processor.use_detector(detector)
-    processor.observer.metrics.model_version.set(detector.model.version)
-    processor.observer.health.model_version = detector.model.version
-    return time.perf_counter() - started
+    parser = EventParser(config.features)
+    detector = warm_detector(parser, settings_from(config), records)
+    assert parser.features is not None
+    features = tuple(parser.features)
+    sources = await write_state(config, features, detector)
+    return Primed(features, detector, sources, time.perf_counter() - started)
+
+
+async def write_state(config: Config, features: tuple[str, ...], detector: Detector) -> int:
+    """Every source's statistics, as the changelog records an instance would have
+    written for them (``StateTracker.messages``): on the input partition the default
+    partitioner gives the source's key, stamped at offset -1, before the input's first
+    record, so that a group with no committed offset yet restores them. How many."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=config.bootstrap_servers, client_id="bench-prime", acks="all"
+    )
+    await producer.start()
+    try:
+        partitions = sorted(await producer.partitions_for(config.input_topic))
+        sources = detector.normalizer.sources()
+        tracker = StateTracker(config.state_topic, config.state_ttl_seconds)
+        where = [_PARTITIONER(s.encode(), partitions, partitions) for s in sources]
+        tracker.touch(sources, where, [time.time()] * len(sources))
+        kept, rows = detector.normalizer.export_rows(sources)
+        stamps = dict.fromkeys(partitions, -1)
+        messages = tracker.messages(kept, stamps, features, rows, [])
+        sent = [
+            await producer.send(m.topic, m.value, key=m.key, partition=m.partition)
+            for m in messages
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    return len(messages)
+
+
+def install(processor: Processor, primed: Primed) -> None:
+    """Judge with the primed detector from the start; its statistics come back from the
+    changelog at the first assignment (until then it holds them as primed)."""
+    processor.parser.features = primed.features  # what the first event would teach it
+    processor.use_detector(primed.detector)
+    model = primed.detector.model
+    assert model is not None
+    processor.observer.metrics.model_version.set(model.version)
+    processor.observer.health.model_version = model.version
 
 
 def counter_value(counter: Counter) -> float:
@@ -158,6 +223,7 @@ async def detector_drain(
     config = bench_config(
         bootstrap, topics, f"{prefix}-detector-{tag}", "--processing-guarantee", guarantee
     )
+    primed = await prime(config, prime_records)
     service = Service(config)
     await service.start()
     tune_gc()  # as `python -m consumer` does
@@ -165,7 +231,7 @@ async def detector_drain(
     try:
         processor = service.processor
         assert processor is not None
-        prime_seconds = prime(processor, prime_records)
+        install(processor, primed)
         consumed = processor.observer.metrics.events_consumed
         cpu_before = time.process_time()
         task = asyncio.create_task(service.run())
@@ -201,7 +267,9 @@ async def detector_drain(
             "events_per_second": counter_value(consumed) / seconds,
             "cpu_seconds_main_process": cpu_seconds,
             "prime_events": len(prime_records),
-            "prime_seconds": prime_seconds,
+            "prime_seconds": primed.seconds,
+            "primed_sources": primed.sources,
+            "restored_sources": int(counter_value(m.state_restored_sources)),
             "model_version_at_end": processor.detector.model.version
             if processor.detector is not None and processor.detector.model is not None
             else None,

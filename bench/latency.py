@@ -25,7 +25,14 @@ import numpy as np
 import orjson
 from prometheus_client import Histogram
 
-from bench.detector import bench_config, counter_value, prime, stop_service, wait_until
+from bench.detector import (
+    bench_config,
+    counter_value,
+    install,
+    prime,
+    stop_service,
+    wait_until,
+)
 from bench.kafka import ROOT, create_state_topic, create_topics, read_topic
 from bench.stream import SIM_RATE, Fleet, Stream, encoded
 from consumer.app import Service, tune_gc
@@ -132,6 +139,7 @@ async def latency(
     stream = Stream(fleet, start_ts=time.time() - prime_events / SIM_RATE)
     prime_records = encoded(stream.take(prime_events))
     del stream
+    primed = await prime(config, prime_records)
     service = Service(config)
     await service.start()
     tune_gc()  # as `python -m consumer` does
@@ -140,7 +148,7 @@ async def latency(
     try:
         processor = service.processor
         assert processor is not None
-        prime(processor, prime_records)
+        install(processor, primed)
         sampler = LagSampler(lambda: processor.refitter.fitting)
         task = asyncio.create_task(service.run())
         sampler_task = asyncio.create_task(sampler.run())
@@ -172,6 +180,7 @@ async def latency(
         # The last window closes on its own time, as it would under a steady stream.
         await asyncio.sleep(config.window_seconds + 0.5)
         fits = counter_value_labeled(service, "ok") - fits_before
+        restored = counter_value(processor.observer.metrics.state_restored_sources)
         service_lag_p99 = histogram_quantile(processor.observer.metrics.loop_lag, 0.99)
         running, task = task, None
         sampler_task.cancel()
@@ -204,6 +213,8 @@ async def latency(
         "window_seconds": config.window_seconds,
         "refit_seconds": refit_seconds,
         "refits_completed": int(fits),
+        "primed_sources": primed.sources,
+        "restored_sources": int(restored),
         "kept_up": backlog <= 0,
         "backlog_events_at_stop": max(0, int(backlog)),
         "caught_up_seconds_after_load": caught_up_after if backlog <= 0 else None,

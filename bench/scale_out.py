@@ -7,8 +7,10 @@ two-instance rate is what a second core gives this design with nothing handed be
 processes, as a user scales out (README, "Scaling out").
 
 Each instance is a ``multiprocessing`` child (spawned: the parent runs an event loop
-and threads) that starts a ``Service`` (which subscribes, so the group forms), primes it
-as ``bench.detector.prime`` does, and waits for the parent's go. The parent watches the
+and threads) that primes a detector as ``bench.detector.prime`` does (its statistics
+written to the run's changelog, which every instance restores its partitions' from),
+starts a ``Service`` (which subscribes, so the group forms), and waits for the parent's
+go. The parent watches the
 children's counters in shared memory. Once every instance is primed and the group has
 settled (every instance has partitions, all of the topic's between them, none of them
 still restoring state), it says go and the clock starts; each instance seeks its
@@ -34,7 +36,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.detector import bench_config, counter_value, create_run_topics, prime, stop_service
+from bench.detector import (
+    bench_config,
+    counter_value,
+    create_run_topics,
+    install,
+    prime,
+    stop_service,
+)
 from bench.quality import read_detections
 from bench.stream import Record
 from consumer.app import Service, tune_gc
@@ -65,6 +74,7 @@ class Shared:
     assigned: SynchronizedArray[int]  # partitions assigned, until go
     restoring: SynchronizedArray[int]  # partitions whose state is being restored, until go
     consumed: SynchronizedArray[int]  # records read, once stopped
+    restored: SynchronizedArray[int]  # sources whose statistics it restored, once stopped
     ended_at_seconds: SynchronizedArray[float]  # perf_counter once stopped (one clock for all)
     cpu_seconds: SynchronizedArray[float]  # the instance's process time from go to stopped
     # One slot per input partition: the offset after the last record read.
@@ -80,6 +90,7 @@ class Shared:
             assigned=context.Array("i", instances),
             restoring=context.Array("i", instances),
             consumed=context.Array("q", instances),
+            restored=context.Array("q", instances),
             ended_at_seconds=context.Array("d", instances),
             cpu_seconds=context.Array("d", instances),
             positions=context.Array("q", partitions),
@@ -95,7 +106,7 @@ def instance(
     prime_records: list[Record],
     shared: Shared,
 ) -> None:
-    """One instance (the target of its process): start, prime, wait for go, drain until
+    """One instance (the target of its process): prime, start, wait for go, drain until
     told to stop."""
     asyncio.run(_instance(index, bootstrap, topics, group, prime_records, shared))
 
@@ -121,6 +132,9 @@ async def _instance(
     task: asyncio.Task[None] | None = None
     reporting: asyncio.Task[None] | None = None
     try:
+        # Every instance writes every source's statistics (the same numbers): none of
+        # them starts before its own are on the changelog.
+        primed = await prime(config, prime_records)
         await service.start()  # subscribes: the group forms while the instances wait
         tune_gc()  # as `python -m consumer` does
         processor = service.processor
@@ -145,7 +159,7 @@ async def _instance(
                 await asyncio.sleep(_POLL_SECONDS)
 
         reporting = asyncio.create_task(report())
-        prime(processor, prime_records)
+        install(processor, primed)
         shared.ready[index] = 1
         await _until(shared.go)
         reporting.cancel()
@@ -168,6 +182,7 @@ async def _instance(
         shared.ended_at_seconds[index] = time.perf_counter()
         shared.cpu_seconds[index] = time.process_time() - cpu_before
         shared.consumed[index] = int(counter_value(observer.metrics.events_consumed))
+        shared.restored[index] = int(counter_value(observer.metrics.state_restored_sources))
     except BaseException:
         shared.failed.value = 1
         raise
@@ -282,6 +297,9 @@ async def drain_with(
         "events": consumed,
         # Records read again after a rebalance: work done, but not more of the backlog.
         "reread": consumed - sum(ends),
+        # Each source's primed statistics, restored by the instance that owned its
+        # partition at go (and by one that owned it before a rebalance).
+        "restored_sources": sum(shared.restored[:]),
         "seconds": seconds,
         "events_per_second": sum(ends) / seconds,
         "cpu_seconds_instances": cpu_seconds,

@@ -75,6 +75,12 @@ def test_quick_bench_measures_every_section(kafka: Broker, tmp_path: Path) -> No
         assert results[name]["events"] == events
         _quality(results[name])
     assert results["detector"]["scored"] == events
+    # The primed statistics reach the service through its changelog, as a restarted
+    # instance's do: every primed source restored at the first assignment.
+    primed = results["detector"]["primed_sources"]
+    assert primed > 0
+    for name in ("detector", "exactly_once"):
+        assert results[name]["restored_sources"] == primed, results[name]
     assert results["exactly_once"]["ratio_to_at_least_once"] > 0
     if importlib.util.find_spec("river") is None:
         assert results["river"]["status"].startswith("not installed")
@@ -91,6 +97,9 @@ def test_quick_bench_measures_every_section(kafka: Broker, tmp_path: Path) -> No
         _rate(run)
         assert run["events"] == events, run
         assert run["reread"] == 0, run
+        # Each partition's sources restored by its owner at go, some also by an owner
+        # before a rebalance.
+        assert run["restored_sources"] >= primed, run
         _quality(run)
     assert scale["two_to_one"] > 0
     assert "2 instances / 1 instance: " in done.stdout
@@ -102,6 +111,7 @@ def test_quick_bench_measures_every_section(kafka: Broker, tmp_path: Path) -> No
     _ordered(latency["latency_detected_at_seconds"])
     _ordered(latency["loop_lag_seconds"])
     assert latency["refits_completed"] >= 1
+    assert latency["restored_sources"] == latency["primed_sources"] > 0, latency
 
     memory = results["memory"]
     assert memory["samples"] > 5
