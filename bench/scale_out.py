@@ -6,17 +6,16 @@ instances of one group share none, and with 8 partitions each takes 4. So the
 two-instance rate is what a second core gives this design with nothing handed between
 processes, as a user scales out (README, "Scaling out").
 
-Each instance is a ``multiprocessing`` child (spawned: the parent runs an event loop
-and threads) that primes a detector as ``bench.detector.prime`` does (its statistics
-written to the run's changelog, which every instance restores its partitions' from),
-starts a ``Service`` (which subscribes, so the group forms), and waits for the parent's
-go. The parent watches the
-children's counters in shared memory. Once every instance is primed and the group has
-settled (every instance has partitions, all of the topic's between them, none of them
-still restoring state), it says go and the clock starts; each instance seeks its
-partitions to their beginning, dropping what its fetcher read ahead while it waited,
-and runs. Once every partition has been read to its end, the parent stops the
-instances, and the clock stops when the last of them has closed, published and
+Each instance is a ``multiprocessing`` child (spawned: the parent runs an event loop and
+threads) that primes a detector as ``bench.detector.prime`` does (its statistics written
+to the run's changelog, which every instance restores its partitions' from), starts a
+``Service`` (which subscribes, so the group forms), and waits for the parent's go. The
+parent watches the children's counters in shared memory. Once every instance is primed
+and the group has settled (every instance has partitions, all of the topic's between
+them, none of them still restoring state), it says go and the clock starts; each
+instance seeks its partitions to their beginning, dropping what its fetcher read ahead
+while it waited, and runs. Once every partition has been read to its end, the parent
+stops the instances, and the clock stops when the last of them has closed, published and
 committed its last window. Records read twice (after a rebalance during the drain, the
 uncommitted ones read again by their next owner) count as work, and are reported as
 ``reread``.
