@@ -1,5 +1,14 @@
 """The ceilings: a plain aiokafka consumer draining the pre-filled topic, doing nothing
-with the records, and the same plus orjson parsing of every value."""
+with the records, and the same plus orjson parsing of every value.
+
+A ceiling reads as the detector reads: with its fetch size, at most its
+``FETCH_RECORDS`` records a ``getmany``, and under the garbage collector's settings
+of ``python -m consumer`` (``tune_gc``), which the detector rows run under too. Before
+the seventh stop of issue 20 it read whole fetches (up to 8 partitions x 4 MiB of
+records alive at once) under the default settings, and the collector's full passes
+over those records took half its CPU: the ceiling came out at half what the same
+consumer reads (bench/README.md).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,8 @@ from typing import Any
 import orjson
 from aiokafka import TopicPartition
 
+from consumer.app import tune_gc
+from consumer.pipeline import FETCH_RECORDS
 from consumer.topic_reader import read_topic
 
 
@@ -35,6 +46,7 @@ async def drain(bootstrap: str, topic: str, *, parse: bool) -> dict[str, Any]:
             for record in records:
                 sink += len(loads(record.value))
 
+    tune_gc()  # as the detector rows and `python -m consumer` run
     await read_topic(
         bootstrap,
         topic,
@@ -43,6 +55,7 @@ async def drain(bootstrap: str, topic: str, *, parse: bool) -> dict[str, Any]:
         client_id="bench-drain",
         # The detector's own fetch size (consumer/kafka_io.py), so the ceiling is its.
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        max_records=FETCH_RECORDS,
     )
     seconds = time.perf_counter() - started
     return {

@@ -79,7 +79,7 @@ _MIN_FORCED_TRAINING = 10
 # may take long: a fetch returns at most this many records (building a record object
 # takes about 3 us), and parsing a closed window yields after each slice of this many
 # records (about 4 us each). Anything heavier runs in the scoring thread.
-_FETCH_RECORDS = 1_000
+FETCH_RECORDS = 1_000
 _PARSE_SLICE_RECORDS = 500
 # Batches being judged, published and committed while the loop reads on (see InFlight).
 _BATCHES_IN_FLIGHT = 2
@@ -309,7 +309,7 @@ class Processor:
         timeout_ms = max(1, math.ceil(wait_seconds * 1000))
         fetch = asyncio.ensure_future(
             self.consumer.getmany(
-                timeout_ms=timeout_ms, max_records=min(self.windows.capacity, _FETCH_RECORDS)
+                timeout_ms=timeout_ms, max_records=min(self.windows.capacity, FETCH_RECORDS)
             )
         )
         await asyncio.wait({fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

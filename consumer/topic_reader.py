@@ -30,6 +30,7 @@ async def read_to_end(
     idle_timeout_seconds: float | None = None,
     on_ready: Callable[[], None] = lambda: None,
     on_ends: Callable[[dict[TopicPartition, tuple[int, int]]], None] = lambda ends: None,
+    max_records: int | None = None,
 ) -> dict[TopicPartition, tuple[int, int]]:
     """Feed every record of the consumer's assigned partitions, from their beginning up
     to their end offsets as of now, to ``handle``, a fetched batch at a time.
@@ -38,7 +39,8 @@ async def read_to_end(
     just before the first fetch; ``on_ends`` before that, with each partition's
     [beginning, end) offsets. With ``idle_timeout_seconds``, raises ``Stalled`` when
     no record came for that long (a big topic may take longer than that to read).
-    Returns each partition's [beginning, end) offsets.
+    ``max_records`` caps the records of one fetch (``getmany``): all that was fetched
+    ahead by default. Returns each partition's [beginning, end) offsets.
     """
     partitions = sorted(consumer.assignment())
     if not partitions:
@@ -65,7 +67,7 @@ async def read_to_end(
                 f"no records for {idle_timeout_seconds:g} s while reading "
                 f"{tp.topic}[{tp.partition}] at offset {position} of {end[tp]}"
             )
-        batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
+        batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS, max_records=max_records)
         if batches and idle_timeout_seconds is not None:
             deadline = time.monotonic() + idle_timeout_seconds
         for tp, records in batches.items():
@@ -86,6 +88,7 @@ async def read_topic(
     *,
     isolation_level: str = "read_uncommitted",
     on_ready: Callable[[], None] = lambda: None,
+    max_records: int | None = None,
     **client: Any,
 ) -> dict[TopicPartition, tuple[int, int]]:
     """``read_to_end`` on every partition of one topic, with a consumer of its own that
@@ -95,7 +98,7 @@ async def read_topic(
     consumer = _reader(bootstrap, isolation_level, client, topic)
     await consumer.start()
     try:
-        return await read_to_end(consumer, handle, on_ready=on_ready)
+        return await read_to_end(consumer, handle, on_ready=on_ready, max_records=max_records)
     finally:
         await consumer.stop()
 

@@ -72,3 +72,22 @@ async def test_read_partitions_reads_only_the_partitions_asked_for(
     assert ranges == {asked[0]: (0, 0), asked[1]: (0, 3)}
     assert ends == [ranges]
     assert dict(seen.offsets) == {2: [0, 1, 2]}
+
+
+async def test_read_topic_with_max_records_hands_over_at_most_that_many_a_fetch(
+    kafka: Broker, new_topic: TopicFactory
+) -> None:
+    topic = await filled(kafka, new_topic)
+    seen = Collected()
+    sizes: list[int] = []
+
+    def handle(tp: TopicPartition, records: Sequence[Any]) -> None:
+        sizes.append(len(records))
+        seen(tp, records)
+
+    await read_topic(kafka.bootstrap_servers, topic, handle, max_records=2)
+
+    assert sizes
+    assert max(sizes) <= 2
+    for partition, count in COUNTS.items():
+        assert seen.offsets[partition] == list(range(count))
