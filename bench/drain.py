@@ -6,8 +6,8 @@ A ceiling reads as the detector reads: with its fetch size, at most its
 of ``python -m consumer`` (``tune_gc``), which the detector rows run under too. Before
 the seventh stop of issue 20 it read whole fetches (up to 8 partitions x 4 MiB of
 records alive at once) under the default settings, and the collector's full passes
-over those records took half its CPU: the ceiling came out at half what the same
-consumer reads (bench/README.md).
+over those records took about half its CPU: the ceiling came out at about half what
+the same consumer reads (bench/README.md).
 """
 
 from __future__ import annotations

@@ -76,9 +76,10 @@ _FIT_RETRY_SECONDS = 1.0
 # Below this many history rows a forced first fit adds the held events themselves.
 _MIN_FORCED_TRAINING = 10
 # The loop runs timers, heartbeats and acknowledgements between its steps, so no step
-# may take long: a fetch returns at most this many records (building a record object
-# takes about 3 us), and parsing a closed window yields after each slice of this many
-# records (about 4 us each). Anything heavier runs in the scoring thread.
+# may take long: a fetch returns at most this many records (aiokafka reads a record in
+# about 2 us of CPU: bench/README.md, issue 20's seventh stop), and parsing a closed
+# window yields after each slice of this many records (about 4 us each). Anything
+# heavier runs in the scoring thread.
 FETCH_RECORDS = 1_000
 _PARSE_SLICE_RECORDS = 500
 # Batches being judged, published and committed while the loop reads on (see InFlight).
