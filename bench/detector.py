@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter
 
-from bench.kafka import create_state_topic, create_topics
+from bench.kafka import create_run_topics
 from bench.quality import read_detections
 from bench.stream import Record
 from consumer.app import Service, tune_gc
@@ -192,20 +192,6 @@ async def stop_service(service: Service, task: asyncio.Task[None] | None) -> Non
             await asyncio.wait_for(task, timeout=120)
     finally:
         await service.close()
-
-
-async def create_run_topics(
-    bootstrap: str, input_topic: str, prefix: str, tag: str, partitions: int = 8
-) -> tuple[str, str, str, str, str]:
-    """The topics of one run of the detector on ``input_topic`` (``bench_config``'s
-    order): its anomalies, dead letters, incidents and state changelog, named by ``tag``."""
-    anomalies, dlq, incidents = (
-        f"{prefix}-{name}-{tag}" for name in ("anomalies", "dlq", "incidents")
-    )
-    await create_topics(bootstrap, [anomalies], partitions)
-    await create_topics(bootstrap, [dlq, incidents], 1)
-    state = await create_state_topic(bootstrap, input_topic, tag)
-    return input_topic, anomalies, dlq, incidents, state
 
 
 async def detector_drain(

@@ -77,6 +77,20 @@ async def create_state_topic(bootstrap: str, input_topic: str, run: str = "") ->
     return name
 
 
+async def create_run_topics(
+    bootstrap: str, input_topic: str, prefix: str, tag: str, partitions: int = 8
+) -> tuple[str, str, str, str, str]:
+    """The topics of one run of the detector on ``input_topic`` (``bench_config``'s
+    order): its anomalies, dead letters, incidents and state changelog, named by ``tag``."""
+    anomalies, dlq, incidents = (
+        f"{prefix}-{name}-{tag}" for name in ("anomalies", "dlq", "incidents")
+    )
+    await create_topics(bootstrap, [anomalies], partitions)
+    await create_topics(bootstrap, [dlq, incidents], 1)
+    state = await create_state_topic(bootstrap, input_topic, tag)
+    return input_topic, anomalies, dlq, incidents, state
+
+
 async def create_topics(
     bootstrap: str, names: list[str], partitions: int, *, compact: bool = False
 ) -> None:

@@ -33,7 +33,7 @@ from bench.detector import (
     stop_service,
     wait_until,
 )
-from bench.kafka import ROOT, create_state_topic, create_topics, read_topic
+from bench.kafka import ROOT, create_run_topics, create_topics, read_topic
 from bench.stream import SIM_RATE, Fleet, Stream, encoded
 from consumer.app import Service, tune_gc
 
@@ -129,10 +129,8 @@ async def latency(
     prime_events: int,
     refit_seconds: float,
 ) -> dict[str, Any]:
-    topics = tuple(f"{prefix}-lat-{name}" for name in ("in", "anomalies", "dlq", "incidents"))
-    await create_topics(bootstrap, list(topics[:2]), 8)
-    await create_topics(bootstrap, list(topics[2:]), 1)
-    topics = (*topics, await create_state_topic(bootstrap, topics[0]))
+    await create_topics(bootstrap, [f"{prefix}-lat-in"], 8)
+    topics = await create_run_topics(bootstrap, f"{prefix}-lat-in", prefix, "lat")
     config = bench_config(
         bootstrap, topics, f"{prefix}-latency", "--refit-seconds", str(refit_seconds)
     )

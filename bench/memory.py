@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.kafka import ROOT, create_state_topic, create_topics
+from bench.kafka import ROOT, create_run_topics, create_topics
 from bench.latency import loadgen_summary, start_loadgen
 from bench.stream import Fleet
 
@@ -73,10 +73,8 @@ async def memory(
     mark: float,
     log_dir: Path,
 ) -> dict[str, Any]:
-    topics = tuple(f"{prefix}-mem-{name}" for name in ("in", "anomalies", "dlq", "incidents"))
-    await create_topics(bootstrap, list(topics[:2]), 8)
-    await create_topics(bootstrap, list(topics[2:]), 1)
-    state_topic = await create_state_topic(bootstrap, topics[0])
+    await create_topics(bootstrap, [f"{prefix}-mem-in"], 8)
+    topics = await create_run_topics(bootstrap, f"{prefix}-mem-in", prefix, "mem")
     log_path = log_dir / "memory-detector.log"
     args = [
         "--bootstrap-servers", bootstrap,
@@ -84,7 +82,7 @@ async def memory(
         "--output-topic", topics[1],
         "--dlq-topic", topics[2],
         "--incidents-topic", topics[3],
-        "--state-topic", state_topic,
+        "--state-topic", topics[4],
         "--group-id", f"{prefix}-memory",
         "--metrics-host", "127.0.0.1",
         "--metrics-port", str(_free_port()),

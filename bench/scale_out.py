@@ -38,11 +38,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bench.detector import (
     bench_config,
     counter_value,
-    create_run_topics,
     install,
     prime,
     stop_service,
 )
+from bench.kafka import create_run_topics
 from bench.quality import read_detections
 from bench.stream import Record
 from consumer.app import Service, tune_gc
