@@ -1,6 +1,7 @@
 """The detector itself, in this process: primed with a fitted model, then timed while
 it drains the pre-filled topic through its full path (parse, window, score, publish
-anomalies, commit), at-least-once or exactly-once."""
+anomalies, commit), at-least-once or exactly-once; or, as a bound, the same path with
+the judging stubbed out (``judged=False``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter
@@ -18,10 +20,12 @@ from bench.kafka import create_run_topics
 from bench.quality import read_detections
 from bench.stream import Record
 from consumer.app import Service, tune_gc
+from consumer.batch import Work
 from consumer.config import Config, load_config
-from consumer.detector import Detector, DetectorSettings
+from consumer.detector import Detector, DetectorSettings, Prepared, Verdict
 from consumer.events import Event, EventParser
-from consumer.model import fit_model
+from consumer.kafka_io import Message
+from consumer.model import FittedModel, fit_model
 from consumer.pipeline import Processor, settings_from
 from consumer.state import StateTracker
 from producer_sim.report import Detection
@@ -194,6 +198,22 @@ async def stop_service(service: Service, task: asyncio.Task[None] | None) -> Non
         await service.close()
 
 
+def all_normal(
+    detector: Detector, work: Work, model: FittedModel
+) -> tuple[Prepared, Verdict, list[Message], list[dict[str, Any]], list[Message]]:
+    """A stand-in for ``Finisher._judge`` (scoring thread) that does none of the
+    detector's work: every event normal, no statistics learned, nothing to publish but
+    the commit. What the service's loop, its hand-off to the scoring thread and its
+    delivery cost, as a bound on what any judging can reach."""
+    n = len(work.events)
+    zeros = np.zeros(n)
+    prepared = Prepared(
+        work.events, np.zeros(n, dtype=np.intp), work.events.values, np.empty((n, 0)),
+        np.ones(n, dtype=bool),
+    )  # fmt: skip
+    return prepared, Verdict(zeros, np.zeros(n, dtype=bool), model, zeros, zeros, zeros), [], [], []
+
+
 async def detector_drain(
     bootstrap: str,
     input_topic: str,
@@ -202,8 +222,10 @@ async def detector_drain(
     events: int,
     *,
     exactly_once: bool,
+    judged: bool = True,
 ) -> tuple[dict[str, Any], list[Detection]]:
-    tag = "eos" if exactly_once else "alo"
+    """The timed drain; ``judged=False``: with ``all_normal`` for judging (at-least-once)."""
+    tag = "eos" if exactly_once else "alo" if judged else "stub"
     topics = await create_run_topics(bootstrap, input_topic, prefix, tag)
     guarantee = "exactly-once" if exactly_once else "at-least-once"
     config = bench_config(
@@ -218,6 +240,8 @@ async def detector_drain(
         processor = service.processor
         assert processor is not None
         install(processor, primed)
+        if not judged:
+            processor.finisher._judge = all_normal  # type: ignore[method-assign]
         consumed = processor.observer.metrics.events_consumed
         cpu_before = time.process_time()
         task = asyncio.create_task(service.run())
@@ -245,6 +269,7 @@ async def detector_drain(
         m = processor.observer.metrics
         result: dict[str, Any] = {
             "processing_guarantee": guarantee,
+            "judged": judged,
             "events": int(counter_value(consumed)),
             "scored": int(counter_value(m.events_scored)),
             "anomalies_published": int(counter_value(m.anomalies_published)),

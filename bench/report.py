@@ -157,6 +157,7 @@ def render(results: Results) -> str:
         ("raw + orjson parsing (ceiling)", lookup(results, "drain", "orjson"), None),
         ("detector, warm, at-least-once", results.get("detector"), "quality"),
         ("detector, warm, exactly-once", results.get("exactly_once"), "quality"),
+        ("detector, judging stubbed (bound)", results.get("unjudged"), None),
         ("naive IsolationForest per batch", results.get("naive"), "quality"),
         ("River HalfSpaceTrees per event", results.get("river"), "quality"),
         ("detector, 1 instance in its own process", lookup(results, "scale_out", "one"), "quality"),

@@ -2,7 +2,7 @@
 
     python -m bench.run [--quick] [--events N] [--bootstrap-servers HOST:PORT]
         [--json PATH]
-        [--only drain,detector,naive,river,exactly_once,scale_out,latency,memory,state]
+        [--only drain,detector,unjudged,naive,river,exactly_once,scale_out,latency,memory,state]
 
 Without --bootstrap-servers (or KAFKA_BOOTSTRAP_SERVERS) it starts the local Kafka on
 port 29692 (scripts/kafka-local) and stops it at the end if it started it. The topics
@@ -46,8 +46,12 @@ from producer_sim.generator import METRIC_NAMES
 from producer_sim.report import Detection
 
 SECTIONS = (
-    "drain", "detector", "naive", "river", "exactly_once", "scale_out", "latency", "memory", "state"
+    "drain", "detector", "unjudged", "naive", "river", "exactly_once", "scale_out", "latency",
+    "memory", "state",
 )  # fmt: skip
+# The sections that read the pre-filled topic, and of them the ones judged against its truth.
+_DRAINING = ("detector", "unjudged", "naive", "river", "exactly_once", "scale_out")
+_JUDGED = tuple(name for name in _DRAINING if name != "unjudged")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # River's quantile filter keeps the share the detector flagged by default before its
 # threshold became a false-alarm budget (--contamination 0.002).
@@ -157,7 +161,7 @@ async def _measure(
     results: dict[str, Any],
 ) -> None:
     topic = f"{prefix}-metrics"
-    needs_topic = only & {"drain", "detector", "naive", "river", "exactly_once", "scale_out"}
+    needs_topic = only & {"drain", *_DRAINING}
     prime_records: list[Record] = []
     truth = TruthReader()
     if needs_topic:
@@ -169,7 +173,7 @@ async def _measure(
         say(f"prefilling {topic} with {s.events:,} events ({s.partitions} partitions)")
         seconds = await prefill(bootstrap, topic, stream, s.events)
         results["prefill"] = {"events": s.events, "seconds": seconds}
-        if only & {"detector", "naive", "river", "exactly_once", "scale_out"}:
+        if only & set(_JUDGED):
             truth = await read_truth(bootstrap, topic)
             results["truth"] = {
                 "events": truth.events,
@@ -189,7 +193,7 @@ async def _measure(
             for ceiling in value.values():
                 per_cpu_second(ceiling)
             results["drain"] = value
-    for name in ("detector", "naive", "river", "exactly_once"):
+    for name in ("detector", "unjudged", "naive", "river", "exactly_once"):
         if name not in only:
             continue
         if name == "river" and not river_available():
@@ -208,12 +212,14 @@ async def _measure(
                 prime_records,
                 s.events,
                 exactly_once=name == "exactly_once",
+                judged=name != "unjudged",
             )
         got = await _section(results, name, job)
         if got is None:
             continue
         value, detections = got
-        value["quality"] = quality(truth, detections)
+        if name != "unjudged":  # it publishes nothing to judge
+            value["quality"] = quality(truth, detections)
         per_cpu_second(value)
         raw = report.lookup(results, "drain", "raw", "events_per_second")
         value["ratio_to_raw"] = value["events_per_second"] / raw if raw else None

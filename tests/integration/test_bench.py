@@ -19,7 +19,10 @@ import pytest
 
 from tests.conftest import ROOT, Broker
 
-SECTIONS = ("drain", "detector", "naive", "river", "exactly_once", "scale_out", "latency", "memory")
+SECTIONS = (
+    "drain", "detector", "unjudged", "naive", "river", "exactly_once", "scale_out", "latency",
+    "memory",
+)  # fmt: skip
 
 
 def _rate(section: dict[str, Any]) -> None:
@@ -75,6 +78,13 @@ def test_quick_bench_measures_every_section(kafka: Broker, tmp_path: Path) -> No
         assert results[name]["events"] == events
         _quality(results[name])
     assert results["detector"]["scored"] == events
+    # The bound with judging stubbed: the same drain, every event passed as normal, so
+    # nothing published, where the primed detector publishes some.
+    stub = results["unjudged"]
+    _rate(stub)
+    assert stub["events"] == stub["scored"] == events, stub
+    assert stub["anomalies_published"] == 0 < results["detector"]["anomalies_published"], stub
+    assert "quality" not in stub
     # The primed statistics reach the service through its changelog, as a restarted
     # instance's do: every primed source restored at the first assignment.
     primed = results["detector"]["primed_sources"]
