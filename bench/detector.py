@@ -202,9 +202,9 @@ def all_normal(
     detector: Detector, work: Work, model: FittedModel
 ) -> tuple[Prepared, Verdict, list[Message], list[dict[str, Any]], list[Message]]:
     """A stand-in for ``Finisher._judge`` (scoring thread) that does none of the
-    detector's work: every event normal, no statistics learned, nothing to publish but
-    the commit. What the service's loop, its hand-off to the scoring thread and its
-    delivery cost, as a bound on what any judging can reach."""
+    detector's work: every event normal, no statistics learned, nothing to publish (the
+    offsets are still committed). What the service's loop, its hand-off to the scoring
+    thread and its delivery cost: a bound on what any judging on this path can reach."""
     n = len(work.events)
     zeros = np.zeros(n)
     prepared = Prepared(
