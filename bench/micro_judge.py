@@ -33,9 +33,10 @@ import orjson
 from bench.detector import warm_detector
 from bench.stream import Fleet, Record, Stream, encoded
 from consumer.batch import incident_points
-from consumer.detector import Detector, DetectorSettings
+from consumer.detector import Detector, DetectorSettings, Prepared, Verdict
 from consumer.events import EventParser, Events
 from consumer.incidents import IncidentTracker
+from consumer.kafka_io import Message
 from consumer.state import Changelog
 
 START_TS = 1_796_000_000.0
@@ -64,43 +65,72 @@ def windows(records: list[Record]) -> list[list[bytes]]:
     return [order[i : i + WINDOW] for i in range(0, len(order), WINDOW)]
 
 
+def bookkeeping(parser: EventParser, now: float) -> tuple[Changelog, IncidentTracker]:
+    """The changelog and the incident tracker a window's judging feeds, on a fixed clock."""
+    changelog = Changelog("state", 7 * 86_400.0, clock=lambda: now)
+    changelog.features = parser.features
+    return changelog, IncidentTracker(clock=lambda: now)
+
+
+def parse_window(parser: EventParser, batch: list[bytes], now: float) -> Events:
+    """A window's records parsed as the loop parses them (in slices of ``SLICE``)."""
+    parts = []
+    for s in range(0, len(batch), SLICE):
+        chunk = batch[s : s + SLICE]
+        valid, refused = parser.parse_many(chunk, [0] * len(chunk), now)
+        assert not refused
+        parts.append(valid)
+    return Events.concat(parts, len(parser.features or ()))
+
+
+def judge_window(detector: Detector, events: Events) -> tuple[Prepared, Verdict]:
+    """Judging as the scoring thread does it: scored, then learned."""
+    assert detector.model is not None
+    return detector.judge(detector.prepare(events, features=False), detector.model)
+
+
+def changelog_window(changelog: Changelog, detector: Detector, events: Events) -> list[Message]:
+    """The changelog's records of the window's sources (every event from partition 0)."""
+    return changelog.batch_messages(
+        detector.normalizer, events.sources, [0] * len(events),
+        list(range(len(events))), events.ts.tolist(),
+    )  # fmt: skip
+
+
+def incidents_window(
+    tracker: IncidentTracker,
+    names: tuple[str, ...],
+    events: Events,
+    judged: tuple[Prepared, Verdict],
+) -> list[dict[str, Any]]:
+    """The incidents' bookkeeping of the window (sources spread over ``PARTITIONS``)."""
+    points = incident_points(*judged, names, tracker.watched, lambda i: i % PARTITIONS)
+    return tracker.track(points, stream_ts=float(events.ts.max()))
+
+
 def run(
     parser: EventParser, detector: Detector, batches: list[list[bytes]], now: float
 ) -> tuple[float, float, float, float, dict[str, Any]]:
     """Thread seconds parsing, judging, writing changelog records and tracking
     incidents; the outputs."""
     parse_s = judge_s = state_s = incidents_s = 0.0
-    changelog = Changelog("state", 7 * 86_400.0, clock=lambda: now)
-    tracker = IncidentTracker(clock=lambda: now)
-    names = parser.features
+    changelog, tracker = bookkeeping(parser, now)
+    names = changelog.features
+    assert names is not None
     incidents = hashlib.sha256()
-    changelog.features = parser.features
     out: dict[str, list[Any]] = {k: [] for k in ("scores", "anomalous", "rates", "features",
                                                   "warmed")}  # fmt: skip
     clock: Callable[[], float] = time.thread_time
     digest = hashlib.sha256()
-    assert detector.model is not None
     for batch in batches:
         t0 = clock()
-        parts = []
-        for s in range(0, len(batch), SLICE):
-            chunk = batch[s : s + SLICE]
-            valid, refused = parser.parse_many(chunk, [0] * len(chunk), now)
-            assert not refused
-            parts.append(valid)
-        events = Events.concat(parts, detector.normalizer.n_features)
+        events = parse_window(parser, batch, now)
         t1 = clock()
-        prepared, verdict = detector.judge(detector.prepare(events, features=False), detector.model)
+        prepared, verdict = judge_window(detector, events)
         t2 = clock()
-        messages = changelog.batch_messages(
-            detector.normalizer, events.sources, [0] * len(events),
-            list(range(len(events))), events.ts.tolist(),
-        )  # fmt: skip
+        messages = changelog_window(changelog, detector, events)
         t3 = clock()
-        points = incident_points(
-            prepared, verdict, names, tracker.watched, lambda i: i % PARTITIONS
-        )
-        changes = tracker.track(points, stream_ts=float(events.ts.max()))
+        changes = incidents_window(tracker, names, events, (prepared, verdict))
         t4 = clock()
         parse_s += t1 - t0
         judge_s += t2 - t1
