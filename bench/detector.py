@@ -9,7 +9,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
@@ -198,6 +198,13 @@ async def stop_service(service: Service, task: asyncio.Task[None] | None) -> Non
         await service.close()
 
 
+class Alongside(Protocol):
+    """Work timed beside a drain (``bench.split.JudgingProcess``)."""
+
+    def go(self) -> None: ...
+    def halt(self) -> None: ...
+
+
 def all_normal(
     detector: Detector, work: Work, model: FittedModel
 ) -> tuple[Prepared, Verdict, list[Message], list[dict[str, Any]], list[Message]]:
@@ -223,9 +230,11 @@ async def detector_drain(
     *,
     exactly_once: bool,
     judged: bool = True,
+    alongside: Alongside | None = None,
 ) -> tuple[dict[str, Any], list[Detection]]:
-    """The timed drain; ``judged=False``: with ``all_normal`` for judging (at-least-once)."""
-    tag = "eos" if exactly_once else "alo" if judged else "stub"
+    """The timed drain; ``judged=False``: with ``all_normal`` for judging (at-least-once).
+    ``alongside`` is told when the timed drain begins and when it has ended."""
+    tag = "eos" if exactly_once else "alo" if judged else "stub" if alongside is None else "split"
     topics = await create_run_topics(bootstrap, input_topic, prefix, tag)
     guarantee = "exactly-once" if exactly_once else "at-least-once"
     config = bench_config(
@@ -252,6 +261,8 @@ async def detector_drain(
             limit_seconds=60,
             what="the partitions to be assigned",
         )
+        if alongside is not None:
+            alongside.go()
         await wait_until(
             lambda: counter_value(consumed) >= events,
             task,
@@ -266,6 +277,8 @@ async def detector_drain(
         await asyncio.wait_for(running, timeout=120)
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu_before
+        if alongside is not None:
+            alongside.halt()
         m = processor.observer.metrics
         result: dict[str, Any] = {
             "processing_guarantee": guarantee,

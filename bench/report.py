@@ -158,6 +158,7 @@ def render(results: Results) -> str:
         ("detector, warm, at-least-once", results.get("detector"), "quality"),
         ("detector, warm, exactly-once", results.get("exactly_once"), "quality"),
         ("detector, judging stubbed (bound)", results.get("unjudged"), None),
+        ("judging in a 2nd process (bound)", results.get("split"), None),
         ("naive IsolationForest per batch", results.get("naive"), "quality"),
         ("River HalfSpaceTrees per event", results.get("river"), "quality"),
         ("detector, 1 instance in its own process", lookup(results, "scale_out", "one"), "quality"),
@@ -189,6 +190,16 @@ def render(results: Results) -> str:
         lines.append(
             f"per CPU-second of this process: detector / naive {det_cpu / naive_cpu:.2f}x "
             "(events/s / events per CPU-second = cores used)"
+        )
+    split = results.get("split") or {}
+    if "events_per_second" in split:
+        drained, judging = split["drain"], split["judging"]
+        naive = lookup(results, "naive", "events_per_second")
+        lines.append(
+            f"judging in a 2nd process: the drain with judging stubbed "
+            f"{_rate(drained['events_per_second'])} beside the judging process "
+            f"{_rate(judging['events_per_second'])}; the slower / naive: "
+            + (f"{split['events_per_second'] / naive:.2f}x" if naive else "-")
         )
     scale = results.get("scale_out") or {}
     if "error" in scale:

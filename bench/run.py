@@ -2,7 +2,8 @@
 
     python -m bench.run [--quick] [--events N] [--bootstrap-servers HOST:PORT]
         [--json PATH]
-        [--only drain,detector,unjudged,naive,river,exactly_once,scale_out,latency,memory,state]
+        [--only drain,detector,unjudged,split,naive,river,exactly_once,scale_out,latency,
+                memory,state]
 
 Without --bootstrap-servers (or KAFKA_BOOTSTRAP_SERVERS) it starts the local Kafka on
 port 29692 (scripts/kafka-local) and stops it at the end if it started it. The topics
@@ -39,6 +40,7 @@ from bench.latency import latency
 from bench.memory import memory
 from bench.quality import quality, read_truth
 from bench.scale_out import drain_with
+from bench.split import JudgingProcess
 from bench.state_restore import state_restore
 from bench.stream import SIM_RATE, Fleet, Record, Stream, encoded
 from producer_sim.evaluate import TruthReader
@@ -46,12 +48,12 @@ from producer_sim.generator import METRIC_NAMES
 from producer_sim.report import Detection
 
 SECTIONS = (
-    "drain", "detector", "unjudged", "naive", "river", "exactly_once", "scale_out", "latency",
-    "memory", "state",
+    "drain", "detector", "unjudged", "split", "naive", "river", "exactly_once", "scale_out",
+    "latency", "memory", "state",
 )  # fmt: skip
 # The sections that read the pre-filled topic, and of them the ones judged against its truth.
-_DRAINING = ("detector", "unjudged", "naive", "river", "exactly_once", "scale_out")
-_JUDGED = tuple(name for name in _DRAINING if name != "unjudged")
+_DRAINING = ("detector", "unjudged", "split", "naive", "river", "exactly_once", "scale_out")
+_JUDGED = tuple(name for name in _DRAINING if name not in ("unjudged", "split"))
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # River's quantile filter keeps the share the detector flagged by default before its
 # threshold became a false-alarm budget (--contamination 0.002).
@@ -68,6 +70,9 @@ class Settings:
     sources: int = 300
     partitions: int = 8
     prime_events: int = 50_000
+    # The judging process of the split bound: events it primes on, events it judges.
+    split_prime_events: int = 50_000
+    split_events: int = 100_000
     latency_rate: float = 20_000.0
     latency_warmup: float = 10.0
     latency_seconds: float = 120.0
@@ -85,6 +90,8 @@ QUICK = Settings(
     # every source past its warm-up and into the training history.
     sources=100,
     prime_events=10_000,
+    split_prime_events=10_000,
+    split_events=20_000,
     latency_rate=2_000.0,
     latency_warmup=3.0,
     latency_seconds=5.0,
@@ -224,6 +231,21 @@ async def _measure(
         raw = report.lookup(results, "drain", "raw", "events_per_second")
         value["ratio_to_raw"] = value["events_per_second"] / raw if raw else None
         results[name] = value
+    if "split" in only:
+
+        async def split() -> dict[str, Any]:
+            async with JudgingProcess(s.split_prime_events, s.split_events) as judging:
+                drained, _ = await detector_drain(
+                    bootstrap, topic, prefix, prime_records, s.events,
+                    exactly_once=False, judged=False, alongside=judging,
+                )  # fmt: skip
+            assert judging.result is not None
+            per_cpu_second(drained)
+            return split_bound(drained, judging.result, results)
+
+        value = await _section(results, "split", split())
+        if value is not None:
+            results["split"] = value
     alo = report.lookup(results, "detector", "events_per_second")
     eos = report.lookup(results, "exactly_once", "events_per_second")
     if alo and eos:
@@ -287,6 +309,25 @@ async def _measure(
         )
         if value is not None:
             results["state"] = value
+
+
+def split_bound(
+    drained: dict[str, Any], judging: dict[str, Any], results: dict[str, Any]
+) -> dict[str, Any]:
+    """The split bound: the slower of its two sides, and their CPU an event added up."""
+    rate = min(drained["events_per_second"], judging["events_per_second"])
+    cpu_us = 1e6 * (
+        drained["cpu_seconds_main_process"] / drained["events"]
+        + judging["cpu_seconds"] / judging["events"]
+    )
+    raw = report.lookup(results, "drain", "raw", "events_per_second")
+    return {
+        "events_per_second": rate,
+        "events_per_cpu_second": 1e6 / cpu_us,
+        "ratio_to_raw": rate / raw if raw else None,
+        "drain": drained,
+        "judging": judging,
+    }
 
 
 def per_cpu_second(section: dict[str, Any]) -> None:

@@ -20,8 +20,8 @@ import pytest
 from tests.conftest import ROOT, Broker
 
 SECTIONS = (
-    "drain", "detector", "unjudged", "naive", "river", "exactly_once", "scale_out", "latency",
-    "memory",
+    "drain", "detector", "unjudged", "split", "naive", "river", "exactly_once", "scale_out",
+    "latency", "memory",
 )  # fmt: skip
 
 
@@ -85,6 +85,18 @@ def test_quick_bench_measures_every_section(kafka: Broker, tmp_path: Path) -> No
     assert stub["events"] == stub["scored"] == events, stub
     assert stub["anomalies_published"] == 0 < results["detector"]["anomalies_published"], stub
     assert "quality" not in stub
+    # The split bound: the same stubbed drain, beside a second process that judged at
+    # least one whole window of its own stream (in the quick run, all of its events);
+    # the bound is the slower of the two.
+    split = results["split"]
+    drained, judging = split["drain"], split["judging"]
+    _rate(drained)
+    assert drained["events"] == drained["scored"] == events, drained
+    assert drained["anomalies_published"] == 0, drained
+    assert judging["events"] >= results["meta"]["settings"]["split_events"], judging
+    assert judging["cpu_seconds"] > 0, judging
+    slower = min(drained["events_per_second"], judging["events_per_second"])
+    assert split["events_per_second"] == slower > 0, split
     # The primed statistics reach the service through its changelog, as a restarted
     # instance's do: every primed source restored at the first assignment.
     primed = results["detector"]["primed_sources"]
