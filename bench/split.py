@@ -7,9 +7,9 @@ incidents), flat out, on the same cores as the drain and the broker. Neither pay
 passing events or verdicts to the other, so the lower of the two rates bounds what such
 a split service could drain on this machine.
 
-The second process judges the same 100,000 events over and over (the benchmark's fleet,
-primed like the detector row's): its statistics learn them again each pass, which costs
-what learning new events costs.
+The second process judges the same events (100,000 in the full run) over and over: the
+benchmark's fleet, primed on the 50,000 events before them like the detector row. Its
+statistics learn them again each pass, which costs what learning new events costs.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def judge_until(
 
 
 class JudgingProcess:
-    """The second process, primed by ``start``; ``go`` and ``halt`` bracket the drain
-    (see ``bench.detector.detector_drain``). Use as ``async with``; ``result`` is set
-    on a clean exit."""
+    """The second process, started and primed on entering ``async with`` (which returns
+    when it is ready); ``go`` and ``halt`` bracket the drain (see
+    ``bench.detector.detector_drain``). ``result`` is set on a clean exit."""
 
     def __init__(self, prime_events: int, events: int) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a loop with threads
@@ -126,7 +126,7 @@ class JudgingProcess:
         self._go.set()
 
     def halt(self) -> None:
-        """Stop judging (safe to call twice; a process never told to go ends at once)."""
+        """Stop judging (safe to call twice; a process never told to go judges one window)."""
         self._stop.set()
         self._go.set()
 
