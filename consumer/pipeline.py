@@ -5,7 +5,8 @@ Where each job lives, and which thread runs it:
 - here, on the event loop: fetching, the open window (``consumer.windows``), parsing a
   closed window in slices, the rebalance listener, and stopping;
 - ``consumer.batch``: the batch in flight. The scoring thread judges it and encodes its
-  anomalies; the loop publishes them and commits (``consumer.kafka_io``);
+  anomalies (a second thread walks half of a large batch through the forest:
+  ``consumer.forest``); the loop publishes them and commits (``consumer.kafka_io``);
 - ``consumer.coldstart``: batches held until the first model (their features are
   prepared and learned from in the scoring thread);
 - ``consumer.refit``: fits in the fitting process, installs models on the loop;

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -66,6 +68,50 @@ def test_any_number_of_columns_and_events() -> None:
         x = rows(n, seed=n, columns=7)
         got = trees.path_sums(x.astype(np.float32))
         np.testing.assert_array_equal(got, per_tree_sums(forest, x))
+
+
+def test_a_large_batch_is_walked_in_two_threads_to_the_same_sums(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kernel = packed.compiled_kernel()
+    assert kernel is not None, "numba comes with the dev extra"
+    threads: list[int] = []
+
+    def recording(*args: Any) -> None:
+        threads.append(threading.get_ident())
+        kernel(*args)
+
+    monkeypatch.setattr(packed, "_kernel", recording)
+    monkeypatch.setattr(packed, "_WALKERS", 2)
+    forest = fitted(2000, 256)
+    trees = pack_forest(forest)
+    split = packed._SPLIT_MIN_EVENTS
+    for n, calls in ((split - 1, 1), (split, 2), (split + 1, 2), (3 * split + 7, 2)):
+        threads.clear()
+        x = rows(n, seed=n)
+        np.testing.assert_array_equal(
+            trees.path_sums(x.astype(np.float32)), per_tree_sums(forest, x)
+        )
+        assert len(threads) == calls
+        assert len(set(threads)) == calls  # the second half in a thread of its own
+
+
+def test_on_one_core_a_large_batch_is_walked_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = packed.compiled_kernel()
+    assert kernel is not None
+    calls: list[int] = []
+
+    def recording(*args: Any) -> None:
+        calls.append(len(args[0]))
+        kernel(*args)
+
+    monkeypatch.setattr(packed, "_kernel", recording)
+    monkeypatch.setattr(packed, "_WALKERS", 1)
+    forest = fitted(2000, 256)
+    x = rows(2 * packed._SPLIT_MIN_EVENTS, seed=5)
+    got = pack_forest(forest).path_sums(x.astype(np.float32))
+    np.testing.assert_array_equal(got, per_tree_sums(forest, x))
+    assert calls == [len(x)]
 
 
 def test_scores_equal_sklearns_score_samples() -> None:
