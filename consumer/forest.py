@@ -9,8 +9,8 @@ reads the fitted sklearn trees), and ``path_sums`` walks all the trees for all t
 events in one call:
 
 - with numba installed (the ``fast`` extra), one compiled call that holds no GIL; a
-  large batch's events are split over two such calls in two threads, on a machine
-  with two cores or more;
+  large batch's events are split over two such calls in two threads, with two cores
+  or more to use;
 - without it, numpy over (events x trees) a level at a time (the same numbers).
 
 Both add each tree's path length in tree order, like a loop over the trees would, so
@@ -105,16 +105,21 @@ class PackedForest:
         if kernel is None:
             return path_sums_numpy(self, x)
         trees = (self.roots, self.nodes, self.nodes.view(np.float32), self.path_length, self.depth)
-        if _WALKERS < 2 or len(x) < _SPLIT_MIN_EVENTS:
+        # The second walker takes one half at a time: a caller that finds it busy (the
+        # HTTP endpoint's threads score too) walks its batch alone rather than wait.
+        if not _SPLIT_WALK or len(x) < _SPLIT_MIN_EVENTS or not _walker_free.acquire(False):
             kernel(x, *trees, out)
             return out
-        # Each event's sum depends on its own row alone: the halves are independent.
-        half = len(x) // 2
-        second = _second_walker().submit(kernel, x[half:], *trees, out[half:])
         try:
-            kernel(x[:half], *trees, out[:half])
+            # Each event's sum depends on its own row alone: the halves are independent.
+            half = len(x) // 2
+            second = _second_walker().submit(kernel, x[half:], *trees, out[half:])
+            try:
+                kernel(x[:half], *trees, out[:half])
+            finally:
+                second.result()  # never left writing into ``out`` after this returns
         finally:
-            second.result()  # never left writing into ``out`` after this returns
+            _walker_free.release()
         return out
 
 
@@ -232,30 +237,65 @@ def path_sums_per_tree(
 # 400,000-event drains (``bench.run --only detector,naive``, 2 cores) the detector
 # drained 76,827-110,737 events/s split against 66,226-104,398 in one call, more in 4
 # of the 5 pairs (by 9,700 events/s on average, 12%), and the scoring thread's own CPU
-# for judging went from 3.72 to 2.59 us an event (``bench.micro_judge``, thread time).
-# At 20,000 events/s, latency and loop lag during refits were no worse (three pairs of
-# ``--only latency``: p99 1.32-1.33 s against 1.29-1.69 s, lag 9-13 ms against 8-18
-# ms). A batch under this many events (a walk of about 8 ms) is walked in one call;
-# smaller splits were not measured.
+# for judging went from 3.72 to 2.59 us an event (``bench.micro_judge`` before e9f17f8,
+# which counted the main thread's CPU). At 20,000 events/s, three alternated pairs of
+# ``--only latency`` gave p99 latency 1.32-1.33 s split against 1.29-1.69 s, and loop
+# lag during refits 9-13 ms against 8-18 ms; the full run of 4105d1d gave 4.58 s (the
+# last window's tail, likely) and 19.6 ms (bench/README.md, tenth stop). A batch under
+# this many events (a walk of about 8 ms) is walked in one call; smaller splits were
+# not measured.
 _SPLIT_MIN_EVENTS = 4_096
 
 
-def _cores() -> int:
-    """The cores this process may run on."""
+def quota_cores(quota: str, period: str) -> float | None:
+    """The cores a CPU quota allows (cgroup v2's ``cpu.max`` is "quota period" or "max
+    period", v1's ``cpu.cfs_quota_us`` is -1 when unlimited); None when unlimited."""
+    if quota.strip() in ("max", "-1"):
+        return None
+    return int(quota) / int(period)
+
+
+def _quota() -> float | None:
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        return quota_cores(quota, period)
+    except OSError:
+        pass
+    try:
+        with (
+            open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q,
+            open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p,
+        ):
+            return quota_cores(q.read(), p.read())
+    except OSError:
+        return None
+
+
+def cores() -> float:
+    """The cores this process may use: those it may run on, or fewer under a CPU quota
+    (``docker --cpus``, a Kubernetes limit), which the affinity does not show."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        usable: float = len(os.sched_getaffinity(0))
+    else:
+        usable = os.cpu_count() or 1
+    try:
+        quota = _quota()
+    except ValueError:  # a file not as documented: go by the affinity
+        quota = None
+    return usable if quota is None else min(usable, quota)
 
 
-# On one core a second thread would only wait for the first.
-_WALKERS = 2 if _cores() >= 2 else 1
+# Under two cores a second thread would mostly wait for the first.
+_SPLIT_WALK = cores() >= 2
 _walker: ThreadPoolExecutor | None = None
 _walker_lock = threading.Lock()
+_walker_free = threading.Lock()  # held while a half is given to the second walker
 
 
 def _second_walker() -> ThreadPoolExecutor:
     """The thread that walks the second half of a large batch (made on first use, one
-    for the process: callers from several threads queue their halves on it)."""
+    for the process)."""
     global _walker
     with _walker_lock:
         if _walker is None:

@@ -70,48 +70,69 @@ def test_any_number_of_columns_and_events() -> None:
         np.testing.assert_array_equal(got, per_tree_sums(forest, x))
 
 
-def test_a_large_batch_is_walked_in_two_threads_to_the_same_sums(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def recording_kernel(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Make the walk record each kernel call: (its thread, its events)."""
     kernel = packed.compiled_kernel()
     assert kernel is not None, "numba comes with the dev extra"
-    threads: list[int] = []
+    calls: list[tuple[int, int]] = []
 
     def recording(*args: Any) -> None:
-        threads.append(threading.get_ident())
+        calls.append((threading.get_ident(), len(args[0])))
         kernel(*args)
 
     monkeypatch.setattr(packed, "_kernel", recording)
-    monkeypatch.setattr(packed, "_WALKERS", 2)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("events", "halves"), [(99, [99]), (100, [50, 50]), (101, [50, 51]), (307, [153, 154])]
+)
+def test_a_large_batch_is_walked_in_two_threads_to_the_same_sums(
+    monkeypatch: pytest.MonkeyPatch, events: int, halves: list[int]
+) -> None:
+    calls = recording_kernel(monkeypatch)
+    monkeypatch.setattr(packed, "_SPLIT_WALK", True)
+    monkeypatch.setattr(packed, "_SPLIT_MIN_EVENTS", 100)
     forest = fitted(2000, 256)
-    trees = pack_forest(forest)
-    split = packed._SPLIT_MIN_EVENTS
-    for n, calls in ((split - 1, 1), (split, 2), (split + 1, 2), (3 * split + 7, 2)):
-        threads.clear()
-        x = rows(n, seed=n)
-        np.testing.assert_array_equal(
-            trees.path_sums(x.astype(np.float32)), per_tree_sums(forest, x)
-        )
-        assert len(threads) == calls
-        assert len(set(threads)) == calls  # the second half in a thread of its own
+    x = rows(events, seed=events)
+    got = pack_forest(forest).path_sums(x.astype(np.float32))
+    np.testing.assert_array_equal(got, per_tree_sums(forest, x))
+    assert sorted(size for _, size in calls) == halves
+    assert len({thread for thread, _ in calls}) == len(halves)  # a thread each
 
 
-def test_on_one_core_a_large_batch_is_walked_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    kernel = packed.compiled_kernel()
-    assert kernel is not None
-    calls: list[int] = []
+def test_a_caller_that_finds_the_second_walker_busy_walks_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = recording_kernel(monkeypatch)
+    monkeypatch.setattr(packed, "_SPLIT_WALK", True)
+    forest = fitted(2000, 256)
+    x = rows(2 * packed._SPLIT_MIN_EVENTS, seed=5)
+    with packed._walker_free:  # another caller's half is being walked
+        got = pack_forest(forest).path_sums(x.astype(np.float32))
+    np.testing.assert_array_equal(got, per_tree_sums(forest, x))
+    assert calls == [(threading.get_ident(), len(x))]
 
-    def recording(*args: Any) -> None:
-        calls.append(len(args[0]))
-        kernel(*args)
 
-    monkeypatch.setattr(packed, "_kernel", recording)
-    monkeypatch.setattr(packed, "_WALKERS", 1)
+def test_under_two_cores_a_large_batch_is_walked_in_one_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = recording_kernel(monkeypatch)
+    monkeypatch.setattr(packed, "_SPLIT_WALK", False)
     forest = fitted(2000, 256)
     x = rows(2 * packed._SPLIT_MIN_EVENTS, seed=5)
     got = pack_forest(forest).path_sums(x.astype(np.float32))
     np.testing.assert_array_equal(got, per_tree_sums(forest, x))
-    assert calls == [len(x)]
+    assert calls == [(threading.get_ident(), len(x))]
+
+
+@pytest.mark.parametrize(
+    ("quota", "period", "expected"),
+    [("max", "100000\n", None), ("-1\n", "100000\n", None), ("100000", "100000\n", 1.0),
+     ("150000", "100000", 1.5), ("400000\n", "100000\n", 4.0), ("50000", "100000", 0.5)],
+)  # fmt: skip
+def test_a_cpu_quota_reads_as_cores(quota: str, period: str, expected: float | None) -> None:
+    assert packed.quota_cores(quota, period) == expected
 
 
 def test_scores_equal_sklearns_score_samples() -> None:
