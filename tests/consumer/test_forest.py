@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -101,27 +102,17 @@ def test_a_large_batch_is_walked_in_two_threads_to_the_same_sums(
     assert len({thread for thread, _ in calls}) == len(halves)  # a thread each
 
 
-def test_a_caller_that_finds_the_second_walker_busy_walks_alone(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("why", ["the second walker is busy", "under two cores"])
+def test_a_large_batch_is_walked_in_one_call_when(
+    monkeypatch: pytest.MonkeyPatch, why: str
 ) -> None:
     calls = recording_kernel(monkeypatch)
-    monkeypatch.setattr(packed, "_SPLIT_WALK", True)
+    monkeypatch.setattr(packed, "_SPLIT_WALK", why != "under two cores")
     forest = fitted(2000, 256)
     x = rows(2 * packed._SPLIT_MIN_EVENTS, seed=5)
-    with packed._walker_free:  # another caller's half is being walked
+    busy = packed._walker_free if why == "the second walker is busy" else contextlib.nullcontext()
+    with busy:  # held as while another caller's half is walked
         got = pack_forest(forest).path_sums(x.astype(np.float32))
-    np.testing.assert_array_equal(got, per_tree_sums(forest, x))
-    assert calls == [(threading.get_ident(), len(x))]
-
-
-def test_under_two_cores_a_large_batch_is_walked_in_one_call(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls = recording_kernel(monkeypatch)
-    monkeypatch.setattr(packed, "_SPLIT_WALK", False)
-    forest = fitted(2000, 256)
-    x = rows(2 * packed._SPLIT_MIN_EVENTS, seed=5)
-    got = pack_forest(forest).path_sums(x.astype(np.float32))
     np.testing.assert_array_equal(got, per_tree_sums(forest, x))
     assert calls == [(threading.get_ident(), len(x))]
 
