@@ -1,6 +1,7 @@
 """The detector's per-event CPU without Kafka: parsing and judging backlog batches.
 
     python -m bench.micro_judge [--events N] [--repeat K] [--save PATH.npz]
+                                [--beside {nothing,loop,hog}]
 
 A fixed stream (the benchmark's fleet: 300 sources, 4 metrics, seed 1, fixed start
 time) is primed into a warm detector as ``bench.detector.warm_detector`` does, then
@@ -12,7 +13,12 @@ records of the touched sources and the incidents' bookkeeping (``incident_points
 and ``IncidentTracker.track``).
 
 Prints the CPU time per event of each part (the process's: the forest's second walker
-counts), best of ``--repeat`` runs (each on a warm detector primed anew). ``--save``
+counts) and its wall time, best of ``--repeat`` runs (each on a warm detector primed
+anew). ``--beside`` runs a thread of pure Python beside the timed runs, as the
+service's event loop runs beside its scoring thread: ``loop`` lets go of the GIL after
+each 0.1 ms or so (an event loop's step, then its poll), ``hog`` never does on its own
+(the interpreter takes the GIL from it after each switch interval); only wall times are
+printed then (the process's CPU is that thread's too). ``--save``
 writes every window's verdict, features and the normalizer's final statistics, so that
 two versions of the code can be compared bit for bit (``--compare A.npz B.npz``).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -108,12 +115,42 @@ def incidents_window(
     return tracker.track(points, stream_ts=float(events.ts.max()))
 
 
+class Beside:
+    """A thread running pure Python while in use (see the module docstring)."""
+
+    STEP_LOOPS = 2_000  # about 0.1 ms of bytecode on this machine
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, name=f"beside-{how}", daemon=True)
+
+    def _spin(self) -> None:
+        x = 0
+        while not self._stop.is_set():
+            for i in range(self.STEP_LOOPS):
+                x += i
+            if self.how == "loop":
+                time.sleep(0)
+
+    def __enter__(self) -> Beside:
+        if self.how != "nothing":
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 def run(
     parser: EventParser, detector: Detector, batches: list[list[bytes]], now: float
-) -> tuple[float, float, float, float, dict[str, Any]]:
-    """Thread seconds parsing, judging, writing changelog records and tracking
+) -> tuple[list[float], list[float], dict[str, Any]]:
+    """CPU and wall seconds parsing, judging, writing changelog records and tracking
     incidents; the outputs."""
-    parse_s = judge_s = state_s = incidents_s = 0.0
+    cpu = [0.0] * 4
+    wall = [0.0] * 4
     changelog, tracker = bookkeeping(parser, now)
     names = changelog.features
     assert names is not None
@@ -121,22 +158,21 @@ def run(
     out: dict[str, list[Any]] = {k: [] for k in ("scores", "anomalous", "rates", "features",
                                                   "warmed")}  # fmt: skip
     # Process CPU: the forest's second walker (consumer.forest) is judging's CPU too.
-    clock: Callable[[], float] = time.process_time
+    clocks: tuple[Callable[[], float], ...] = (time.process_time, time.perf_counter)
     digest = hashlib.sha256()
     for batch in batches:
-        t0 = clock()
+        t0 = [clock() for clock in clocks]
         events = parse_window(parser, batch, now)
-        t1 = clock()
+        t1 = [clock() for clock in clocks]
         prepared, verdict = judge_window(detector, events)
-        t2 = clock()
+        t2 = [clock() for clock in clocks]
         messages = changelog_window(changelog, detector, events)
-        t3 = clock()
+        t3 = [clock() for clock in clocks]
         changes = incidents_window(tracker, names, events, (prepared, verdict))
-        t4 = clock()
-        parse_s += t1 - t0
-        judge_s += t2 - t1
-        state_s += t3 - t2
-        incidents_s += t4 - t3
+        t4 = [clock() for clock in clocks]
+        for k, total in enumerate((cpu, wall)):
+            for part, (a, b) in enumerate(((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
+                total[part] += b[k] - a[k]
         for change in changes:
             incidents.update(orjson.dumps(change))
         out["scores"].append(verdict.scores)
@@ -157,7 +193,7 @@ def run(
     arrays["history"] = detector.history.snapshot()
     arrays["changelog_sha256"] = np.frombuffer(digest.digest(), dtype=np.uint8)
     arrays["incidents_sha256"] = np.frombuffer(incidents.digest(), dtype=np.uint8)
-    return parse_s, judge_s, state_s, incidents_s, arrays
+    return cpu, wall, arrays
 
 
 def compare(a_path: str, b_path: str) -> int:
@@ -189,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prime-events", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--save")
+    ap.add_argument("--beside", choices=("nothing", "loop", "hog"), default="nothing")
     ap.add_argument("--compare", nargs=2, metavar="NPZ")
     args = ap.parse_args(argv)
     if args.compare:
@@ -198,16 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     records = encoded(stream.take(args.events))
     now = START_TS + (args.prime_events + args.events) / 10_000.0
     batches = windows(records)
-    best = [float("inf")] * 4
+    best = {"CPU": [float("inf")] * 4, "wall": [float("inf")] * 4}
     arrays: dict[str, Any] = {}
     for _ in range(args.repeat):
-        *times, arrays = run(*warm(prime, now), batches, now)
-        best = [min(b, t) for b, t in zip(best, times, strict=True)]
+        parser, detector = warm(prime, now)
+        with Beside(args.beside):
+            cpu, wall, arrays = run(parser, detector, batches, now)
+        for kind, times in (("CPU", cpu), ("wall", wall)):
+            best[kind] = [min(b, t) for b, t in zip(best[kind], times, strict=True)]
     n = args.events
-    us = [1e6 * b / n for b in best]
-    print(f"{n} events in {len(batches)} windows, best of {args.repeat} (CPU per event):")
-    print(f"  parse {us[0]:.2f} us   judge {us[1]:.2f} us   changelog {us[2]:.2f} us"
-          f"   incidents {us[3]:.2f} us   total {sum(us):.2f} us")  # fmt: skip
+    print(f"{n} events in {len(batches)} windows, best of {args.repeat}, "
+          f"beside {args.beside}:")  # fmt: skip
+    for kind in ("CPU", "wall") if args.beside == "nothing" else ("wall",):
+        us = [1e6 * b / n for b in best[kind]]
+        print(f"  {kind:4s} parse {us[0]:.2f} us   judge {us[1]:.2f} us   changelog {us[2]:.2f} us"
+              f"   incidents {us[3]:.2f} us   total {sum(us):.2f} us  (per event)")  # fmt: skip
     if args.save:
         np.savez(args.save, **arrays)
     return 0
