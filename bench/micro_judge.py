@@ -1,4 +1,4 @@
-"""The detector's per-event CPU without Kafka: parsing and judging backlog batches.
+"""The detector's per-event CPU and wall time without Kafka: parsing and judging backlog batches.
 
     python -m bench.micro_judge [--events N] [--repeat K] [--save PATH.npz]
                                 [--beside {nothing,loop,hog}]
@@ -13,10 +13,11 @@ records of the touched sources and the incidents' bookkeeping (``incident_points
 and ``IncidentTracker.track``).
 
 Prints the CPU time per event of each part (the process's: the forest's second walker
-counts) and its wall time, best of ``--repeat`` runs (each on a warm detector primed
-anew). ``--beside`` runs a thread of pure Python beside the timed runs, as the
-service's event loop runs beside its scoring thread: ``loop`` lets go of the GIL after
-each 0.1 ms or so (an event loop's step, then its poll), ``hog`` never does on its own
+counts) and its wall time, each part's best of ``--repeat`` runs (each on a warm
+detector primed anew; the total is the sum of those bests). ``--beside`` runs a thread
+of pure Python beside the timed runs, as the service's event loop runs beside its
+scoring thread: ``loop`` lets go of the GIL (``time.sleep(0)``) after each 0.1 ms or
+less of bytecode (an event loop's step, then its poll), ``hog`` never does on its own
 (the interpreter takes the GIL from it after each switch interval); only wall times are
 printed then (the process's CPU is that thread's too). ``--save``
 writes every window's verdict, features and the normalizer's final statistics, so that
@@ -118,7 +119,7 @@ def incidents_window(
 class Beside:
     """A thread running pure Python while in use (see the module docstring)."""
 
-    STEP_LOOPS = 2_000  # about 0.1 ms of bytecode on this machine
+    STEP_LOOPS = 2_000  # 0.1 ms of bytecode or less on this machine
 
     def __init__(self, how: str) -> None:
         self.how = how
