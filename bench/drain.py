@@ -7,7 +7,7 @@ of ``python -m consumer`` (``tune_gc``), which the detector rows run under too. 
 the seventh stop of issue 20 it read whole fetches (up to 8 partitions x 4 MiB of
 records alive at once) under the default settings, and the collector's full passes
 over those records took about half its CPU: the ceiling came out at about half what
-the same consumer reads (bench/README.md).
+the same consumer reads (bench/HISTORY.md, seventh stop).
 """
 
 from __future__ import annotations

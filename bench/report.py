@@ -42,7 +42,7 @@ def targets(results: Results) -> list[dict[str, Any]]:
     speedup = det / naive if naive and det else None
     # Issue 8 asked for 5x; issue 20 set 2x: the naive recipe does the same per-event
     # work (orjson and a 100-tree forest per event), so 5x is out of reach for any
-    # design that scores every event with such a forest (bench/README.md).
+    # design that scores every event with such a forest (bench/HISTORY.md).
     out.append(
         _target(
             "detector throughput vs naive",

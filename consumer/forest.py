@@ -241,7 +241,7 @@ def path_sums_per_tree(
 # which counted the main thread's CPU). At 20,000 events/s, three alternated pairs of
 # ``--only latency`` gave p99 latency 1.32-1.33 s split against 1.29-1.69 s, and loop
 # lag during refits 9-13 ms against 8-18 ms; the full run of 4105d1d gave 4.58 s (the
-# last window's tail, likely) and 19.6 ms (bench/README.md, tenth stop). A batch under
+# last window's tail, likely) and 19.6 ms (bench/HISTORY.md, tenth stop). A batch under
 # this many events (a walk of about 8 ms) is walked in one call; smaller splits were
 # not measured.
 _SPLIT_MIN_EVENTS = 4_096

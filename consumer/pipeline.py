@@ -78,7 +78,7 @@ _FIT_RETRY_SECONDS = 1.0
 _MIN_FORCED_TRAINING = 10
 # The loop runs timers, heartbeats and acknowledgements between its steps, so no step
 # may take long: a fetch returns at most this many records (aiokafka reads a record in
-# about 2 us of CPU: bench/README.md, issue 20's seventh stop), and parsing a closed
+# about 2 us of CPU: bench/HISTORY.md, issue 20's seventh stop), and parsing a closed
 # window yields after each slice of this many records (about 4 us each). Anything
 # heavier runs in the scoring thread.
 FETCH_RECORDS = 1_000
