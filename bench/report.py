@@ -102,6 +102,34 @@ def targets(results: Results) -> list[dict[str, Any]]:
     return out
 
 
+def cpu_budget(results: Results) -> dict[str, float] | None:
+    """Per event, the CPU the machine's cores give at each throughput target's rate,
+    beside what the detector's process spent: a target whose rate gives less than the
+    work costs is out of reach however well the work spreads over the cores (issue 20;
+    bench/README.md, "Where issue 20 stands"). The broker's CPU, and the fitting
+    process's, come out of the same budget and are not counted in the detector's.
+
+    None unless the machine's cores, the raw drain, the recipe and the detector's CPU
+    are all known; ``stubbed_us`` only when the ``unjudged`` row ran.
+    """
+    cores = lookup(results, "meta", "cpus")
+    raw = lookup(results, "drain", "raw", "events_per_second")
+    naive = lookup(results, "naive", "events_per_second")
+    spent = lookup(results, "detector", "events_per_cpu_second")
+    if not (cores and raw and naive and spent):
+        return None
+    budget = {
+        "cores": float(cores),
+        "at_half_raw_us": 1e6 * cores / (0.5 * raw),
+        "at_twice_naive_us": 1e6 * cores / (2 * naive),
+        "detector_us": 1e6 / spent,
+    }
+    stubbed = lookup(results, "unjudged", "events_per_cpu_second")
+    if stubbed:
+        budget["stubbed_us"] = 1e6 / stubbed
+    return budget
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -190,6 +218,16 @@ def render(results: Results) -> str:
         lines.append(
             f"per CPU-second of this process: detector / naive {det_cpu / naive_cpu:.2f}x "
             "(events/s / events per CPU-second = cores used)"
+        )
+    budget = results.get("cpu_budget")
+    if budget:
+        stubbed = budget.get("stubbed_us")
+        lines.append(
+            f"CPU an event that {budget['cores']:g} cores give: "
+            f"{budget['at_half_raw_us']:.1f} us at 50% of raw, "
+            f"{budget['at_twice_naive_us']:.1f} us at 2x naive; the detector's process "
+            f"spent {budget['detector_us']:.1f} us"
+            + ("" if stubbed is None else f" ({stubbed:.1f} us with judging stubbed)")
         )
     split = results.get("split") or {}
     if "events_per_second" in split:

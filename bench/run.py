@@ -413,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **results,
     }
     results["targets"] = report.targets(results)
+    results["cpu_budget"] = report.cpu_budget(results)
     print(report.render(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))

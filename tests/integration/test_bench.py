@@ -140,6 +140,16 @@ def test_quick_bench_measures_every_section(kafka: Broker, tmp_path: Path) -> No
     assert memory["rss_peak_bytes"] >= memory["rss_steady_bytes"] > 0
     assert memory["growth_mark_to_end"] is not None
 
+    # The CPU the cores give an event at each target's rate, beside what it cost.
+    budget = results["cpu_budget"]
+    assert budget["cores"] == results["meta"]["cpus"]
+    assert budget["at_half_raw_us"] > 0
+    assert budget["at_twice_naive_us"] > 0
+    spent = 1e6 / results["detector"]["events_per_cpu_second"]
+    assert budget["detector_us"] == pytest.approx(spent)
+    assert budget["stubbed_us"] > 0
+    assert "CPU an event that " in done.stdout
+
     results_by_goal = [t["result"] for t in results["targets"]]
     assert len(results_by_goal) == 6
     # Every target is judged; only the refit lag may lack samples in so short a run.
