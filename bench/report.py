@@ -109,10 +109,12 @@ def cpu_budget(results: Results) -> dict[str, float] | None:
     bench/README.md, "Where issue 20 stands"). The broker's CPU, and the fitting
     process's, come out of the same budget and are not counted in the detector's.
 
-    None unless the machine's cores, the raw drain, the recipe and the detector's CPU
-    are all known; ``stubbed_us`` only when the ``unjudged`` row ran.
+    The cores are those the benchmark's process may use (an affinity mask or a CPU
+    quota gives fewer than the machine has). None unless they, the raw drain, the
+    recipe and the detector's CPU are all known; ``stubbed_us`` only when the
+    ``unjudged`` row ran.
     """
-    cores = lookup(results, "meta", "cpus")
+    cores = lookup(results, "meta", "usable_cores")
     raw = lookup(results, "drain", "raw", "events_per_second")
     naive = lookup(results, "naive", "events_per_second")
     spent = lookup(results, "detector", "events_per_cpu_second")

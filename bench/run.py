@@ -43,6 +43,7 @@ from bench.scale_out import drain_with
 from bench.split import JudgingProcess
 from bench.state_restore import state_restore
 from bench.stream import SIM_RATE, Fleet, Record, Stream, encoded
+from consumer.forest import cores
 from producer_sim.evaluate import TruthReader
 from producer_sim.generator import METRIC_NAMES
 from producer_sim.report import Detection
@@ -128,6 +129,8 @@ def machine() -> dict[str, Any]:
             versions[package] = None
     return {
         "cpus": os.cpu_count(),
+        # What this process may use: fewer under an affinity mask or a CPU quota.
+        "usable_cores": cores(),
         "cpu_model": model,
         "memory_bytes": mem_kib * 1024,
         "python": platform.python_version(),

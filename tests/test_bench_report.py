@@ -10,11 +10,11 @@ from bench import report
 
 
 def _results(
-    *, cores: int | None = 2, stubbed: float | None = 204_438.0, naive: float | None = 87_339.0
+    *, cores: float | None = 2, stubbed: float | None = 204_438.0, naive: float | None = 87_339.0
 ) -> dict[str, Any]:
     """The figures of the full run of e28bbdb (bench/README.md), as the JSON holds them."""
     results: dict[str, Any] = {
-        "meta": {"cpus": cores},
+        "meta": {"cpus": 64, "usable_cores": cores},
         "drain": {"raw": {"events_per_second": 498_399.0}},
         "detector": {"events_per_second": 71_770.0, "events_per_cpu_second": 64_975.0},
         "naive": {"events_per_second": naive},
@@ -49,6 +49,20 @@ def test_budget_needs_what_it_divides_by(
 ) -> None:
     budget = report.cpu_budget(results)
     assert (None if budget is None else set(budget)) == expected
+
+
+def test_a_failed_section_gives_no_budget() -> None:
+    results = _results()
+    results["detector"] = {"error": "KafkaConnectionError: ..."}
+    assert report.cpu_budget(results) is None
+
+
+def test_the_usable_cores_count_not_the_machines() -> None:
+    """Under a quota of 1.5 cores on a 64-core host, 1.5 is what the budget has."""
+    budget = report.cpu_budget(_results(cores=1.5))
+    assert budget is not None
+    assert budget["cores"] == 1.5
+    assert budget["at_half_raw_us"] == pytest.approx(1e6 * 1.5 / (0.5 * 498_399.0))
 
 
 def test_more_cores_give_more_per_event() -> None:
